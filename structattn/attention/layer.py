@@ -1,0 +1,92 @@
+"""The attention layer: one interface for every scoring function.
+
+    y_BTD = Attention(spec)(x_BTD)
+
+q/k features come from one feature module per level (features.py), are QK-LayerNormed
+(weights shared across heads; jointly over the concatenated head width, or per level),
+scaled per level (scale_for_width), and handed with V = x W_V to an attention core
+(core.py) chosen by `impl`.  The output projection is zero-initialised (muP).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from structattn.attention import core
+from structattn.attention.features import FEATURES
+from structattn.attention.spec import AttentionSpec, IMPLS
+from structattn.linear import Dense
+
+
+def layer_norm(x, weight, eps: float = 1e-6):
+  """LayerNorm over the last axis in float32, no bias."""
+  x32 = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+  mu = jnp.mean(x32, axis=-1, keepdims=True)
+  var = jnp.mean(jnp.square(x32 - mu), axis=-1, keepdims=True)
+  return (x32 - mu) * jax.lax.rsqrt(var + eps) * weight
+
+
+def pattern_of(spec: AttentionSpec) -> core.Pattern:
+  return core.Pattern(
+      seqs=tuple(lv.seq for lv in spec.levels), sizes=tuple(lv.size for lv in spec.levels),
+      widths=spec.widths, causal=spec.causal, divide=spec.divide, combine=spec.combine)
+
+
+class Attention(nnx.Module):
+  """Multi-head attention whose score is any multi-level structured bilinear form."""
+
+  def __init__(self, spec: AttentionSpec, *, rngs: nnx.Rngs, dtype=jnp.float32,
+               zero_init_out: bool = True):
+    self.spec = spec
+    self.dtype = dtype
+    self.pattern = pattern_of(spec)
+    feats = []
+    for lv in spec.levels:
+      cls = FEATURES[lv.kind]
+      kwargs = {"rms_cap": spec.btt_rms_cap} if lv.kind == "btt" else {}
+      feats.append(cls(lv, spec.d_model, spec.num_heads, rngs=rngs, dtype=dtype, **kwargs))
+    self.features = nnx.List(feats)
+    if spec.qk_norm and spec.norm != "none":
+      self.q_norm = nnx.Param(jnp.ones((spec.d_qk,), jnp.float32))
+      self.k_norm = nnx.Param(jnp.ones((spec.d_qk,), jnp.float32))
+    else:
+      self.q_norm = self.k_norm = None
+    hv = spec.num_heads * spec.d_head
+    self.wv = Dense(spec.d_model, hv, rngs=rngs, dtype=dtype)
+    self.wo = Dense(hv, spec.d_model, rngs=rngs, dtype=dtype, zero_init=zero_init_out)
+
+  # -- pieces ---------------------------------------------------------------------------
+
+  def _normalise(self, f_BTHK, weight):
+    if weight is None:
+      return f_BTHK.astype(jnp.promote_types(f_BTHK.dtype, jnp.float32))
+    w = weight[...]
+    if self.spec.norm == "joint":
+      return layer_norm(f_BTHK, w)
+    edges = np.cumsum((0,) + self.spec.widths)
+    parts = [layer_norm(f_BTHK[..., a:b], w[a:b]) for a, b in zip(edges[:-1], edges[1:])]
+    return jnp.concatenate(parts, axis=-1)
+
+  def qkv(self, x_BTD):
+    """Scaled, normalised per-head queries and keys (levels concatenated) and values."""
+    qs, ks = zip(*(f(x_BTD) for f in self.features))
+    q_BTHK = self._normalise(jnp.concatenate(qs, axis=-1), self.q_norm)
+    k_BTHK = self._normalise(jnp.concatenate(ks, axis=-1), self.k_norm)
+    scales = np.concatenate([np.full(w, s, np.float64)
+                             for w, s in zip(self.spec.widths, self.spec.level_scales())])
+    q_BTHK = (q_BTHK * jnp.asarray(scales, q_BTHK.dtype)).astype(self.dtype)
+    k_BTHK = k_BTHK.astype(self.dtype)
+    v = self.wv(x_BTD)
+    v_BTHV = v.reshape(*v.shape[:-1], self.spec.num_heads, self.spec.d_head)
+    return q_BTHK, k_BTHK, v_BTHV
+
+  def __call__(self, x_BTD, impl: str | None = None):
+    impl = impl or self.spec.impl
+    if impl not in IMPLS:
+      raise ValueError(f"attention.impl={impl!r} is invalid: allowed values are {IMPLS}")
+    q, k, v = self.qkv(x_BTD)
+    out_BTHV = core.attention(q, k, v, self.pattern, impl)
+    return self.wo(out_BTHV.reshape(*out_BTHV.shape[:-2], -1))
