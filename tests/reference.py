@@ -7,6 +7,8 @@ library's feature modules or cores.
 
 import numpy as np
 
+from structattn.attention.spec import Level
+
 
 def _ln(x, w, eps=1e-6):
   mu = x.mean(-1, keepdims=True)
@@ -89,7 +91,13 @@ def attention_layer(module, x):
   b_, t, _ = x.shape
   h = spec.num_heads
   qs, ks = [], []
-  for feat, lv in zip(module.features, spec.levels):
+  if len(module.features) == 1 and len(spec.levels) > 1:  # fused low-rank projection
+    fused = Level("global", 0, "lowrank", spec.d_qk, 1)
+    q, k = level_features(module.features[0], fused, x, h)
+    edges = np.cumsum([0] + list(spec.widths))
+    qs = [q[..., a:e] for a, e in zip(edges[:-1], edges[1:])]
+    ks = [k[..., a:e] for a, e in zip(edges[:-1], edges[1:])]
+  for feat, lv in zip(module.features if not qs else [], spec.levels):
     q, k = level_features(feat, lv, x, h)
     qs.append(q)
     ks.append(k)

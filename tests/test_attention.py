@@ -119,15 +119,20 @@ PATTERNS = {
 }
 
 
-@pytest.mark.parametrize("name", sorted(PATTERNS))
-def test_chunked_fast_paths_values_and_gradients(name):
-  """Small chunks exercise the rematerialised query-chunk loop; grads match the oracle."""
+CHUNK_CASES = [(n, t) for n in sorted(PATTERNS) for t in
+               ([1] if "window" in PATTERNS[n].seqs else [1, 16, 64])]
+
+
+@pytest.mark.parametrize("name,min_tile", CHUNK_CASES)
+def test_chunked_fast_paths_values_and_gradients(name, min_tile):
+  """Small chunks exercise the rematerialised query-chunk loop; min_tile moves the split
+  between sibling pieces and multi-level diagonal tiles; grads match the oracle."""
   pat = PATTERNS[name]
   q, k, v = _random_qkv(2, 64, 2, sum(pat.widths), 5)
   if "window" in pat.seqs:
     fast = lambda q, k, v: core.windowed_attention(q, k, v, pat, chunk=8)
   else:
-    fast = lambda q, k, v: core.blocked_attention(q, k, v, pat, chunk=8)
+    fast = lambda q, k, v: core.blocked_attention(q, k, v, pat, chunk=8, min_tile=min_tile)
   ref = lambda q, k, v: core.reference_attention(q, k, v, pat)
   np.testing.assert_allclose(jax.jit(fast)(q, k, v), jax.jit(ref)(q, k, v), rtol=1e-10, atol=1e-10)
   w = jax.random.normal(jax.random.key(9), v.shape, jnp.float64)

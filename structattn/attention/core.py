@@ -35,6 +35,7 @@ import numpy as np
 
 NEG = -1e30  # finite "minus infinity" keeps exp/merge NaN-free for empty rows.
 QUERY_CHUNK = 512
+MIN_TILE = 64
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,26 +64,29 @@ class Pattern:
 # ------------------------------------------------------------------------------ reference
 
 
-def level_masks(pattern: Pattern, t: int) -> np.ndarray:
-  """(L, T, T) boolean: level l contains pair (i, j) (causality not applied)."""
-  i = np.arange(t)[:, None]
-  j = np.arange(t)[None, :]
+def level_masks(pattern: Pattern, t: int):
+  """(L, T, T) boolean: level l contains pair (i, j) (causality not applied).
+
+  Built from iotas so that no TxT constant enters the compiled program."""
+  i = jnp.arange(t)[:, None]
+  j = jnp.arange(t)[None, :]
   out = []
   for seq, size in zip(pattern.seqs, pattern.sizes):
     if seq == "global":
-      out.append(np.ones((t, t), bool))
+      out.append(jnp.ones((t, t), bool))
     elif seq == "block":
       out.append((i // size) == (j // size))
     else:
-      out.append(np.abs(i - j) <= size)
-  return np.stack(out)
+      out.append(jnp.abs(i - j) <= size)
+  return jnp.stack(out)
 
 
 def reference_attention(q_BTHK, k_BTHK, v_BTHV, pattern: Pattern):
   """Masked-dense oracle: S_ij = sum_l 1[l covers (i,j)] <q_i^(l), k_j^(l)>, then divide."""
   t = q_BTHK.shape[1]
-  masks = jnp.asarray(level_masks(pattern, t))
-  causal = jnp.tril(jnp.ones((t, t), bool)) if pattern.causal else jnp.ones((t, t), bool)
+  masks = level_masks(pattern, t)
+  ii, jj = jnp.arange(t)[:, None], jnp.arange(t)[None, :]
+  causal = (jj <= ii) if pattern.causal else jnp.ones((t, t), bool)
   edges = (0,) + pattern.prefix
   parts = []
   for l in range(len(pattern.widths)):
@@ -97,7 +101,7 @@ def reference_attention(q_BTHK, k_BTHK, v_BTHV, pattern: Pattern):
     return sum(outs)
   s = sum(parts)
   if pattern.divide != "none":
-    covered = masks.sum(0)
+    covered = masks.sum(0, dtype=s.dtype)
     div = covered if pattern.divide == "block" else len(parts)
     s = s / div
   valid = masks[0] & causal
@@ -121,22 +125,28 @@ def _scores_to_stats(s, mask, v):
   return o, m, l
 
 
-def _piece(q_NQD, k_NKD, v_NKV, mult: float, mask_fn=None, chunk: int = QUERY_CHUNK):
+def _piece(q_NQD, k_NKD, v_NKV, mult: float, mask_fn=None, chunk: int = QUERY_CHUNK,
+           score_fn=None):
   """Softmax statistics of queries q against keys k (batched over N), no normalisation.
 
   mask_fn: optional `f(qpos_Q1, kpos_1K) -> bool (Q, K)` over piece-local positions,
   evaluated from iotas inside the computation (no TxT constants).  Queries are processed
-  in rematerialised chunks when Q > chunk, so memory is O(N * chunk * K).
+  in rematerialised chunks when Q > chunk, so memory is O(N * chunk * K).  score_fn, if
+  given, replaces `mult * q k^T` (used for the multi-level diagonal tiles).
   """
   n, nq, _ = q_NQD.shape
   nk = k_NKD.shape[1]
 
   def attend(q, start):
-    s = jnp.einsum("nqd,nkd->nqk", q, k_NKD, preferred_element_type=_acc(q)) * mult
+    qpos = start + jnp.arange(q.shape[1])[:, None]
+    kpos = jnp.arange(nk)[None, :]
+    if score_fn is not None:
+      s = score_fn(q, k_NKD, qpos, kpos)
+    else:
+      s = jnp.einsum("nqd,nkd->nqk", q, k_NKD, preferred_element_type=_acc(q)) * mult
     mask = None
     if mask_fn is not None:
-      qpos = start + jnp.arange(q.shape[1])[:, None]
-      mask = mask_fn(qpos, jnp.arange(nk)[None, :])
+      mask = mask_fn(qpos, kpos)
     return _scores_to_stats(s, mask, v_NKV)
 
   if nq <= chunk or nq % chunk:
@@ -174,15 +184,19 @@ def _finish(stats, dtype):
 # --------------------------------------------------------------------------- block levels
 
 
-def _blocked_stats(q_BHTK, k_BHTK, v_BHTV, pattern: Pattern, chunk: int):
+def _blocked_stats(q_BHTK, k_BHTK, v_BHTV, pattern: Pattern, chunk: int, min_tile: int):
   """Stats (o, m, l) of nested block levels, shapes (B,H,T,V), (B,H,T), (B,H,T)."""
   b, h, t, _ = q_BHTK.shape
   dv = v_BHTV.shape[-1]
   sizes = [t if s == "global" else size for s, size in zip(pattern.seqs, pattern.sizes)]
   prefix = pattern.prefix
   nlev = len(sizes)
+  # Tile level g: the finest level whose blocks hold at least MIN_TILE positions (or the
+  # coarsest, for short sequences).  Finer levels are resolved inside its diagonal tiles:
+  # tiny blocks (the paper's 8-token level) make batched products too small to be efficient.
+  g = max([l for l in range(nlev) if sizes[l] >= min_tile] or [0])
   stats = None
-  for l in range(nlev - 1):
+  for l in range(g):
     parent, child = sizes[l], sizes[l + 1]
     k_ratio = parent // child
     d = prefix[l]
@@ -199,28 +213,51 @@ def _blocked_stats(q_BHTK, k_BHTK, v_BHTV, pattern: Pattern, chunk: int):
         qs, ks, vs = q6[:, :, :, off:], k6[:, :, :, :-off], v6[:, :, :, :-off]
       else:
         qs, ks, vs = q6[:, :, :, :off], k6[:, :, :, -off:], v6[:, :, :, -off:]
-      g = k_ratio - abs(off)
+      groups = k_ratio - abs(off)
       o, m, lsum = _piece(qs.reshape(-1, child, d), ks.reshape(-1, child, d),
                           vs.reshape(-1, child, dv), mult, None, chunk)
-      o = o.reshape(b, h, npar, g, child, dv)
-      m = m.reshape(b, h, npar, g, child)
-      lsum = lsum.reshape(b, h, npar, g, child)
+      o = o.reshape(b, h, npar, groups, child, dv)
+      m = m.reshape(b, h, npar, groups, child)
+      lsum = lsum.reshape(b, h, npar, groups, child)
       pad = (abs(off), 0) if off > 0 else (0, abs(off))
       o = jnp.pad(o, [(0, 0)] * 3 + [pad, (0, 0), (0, 0)])
       m = jnp.pad(m, [(0, 0)] * 3 + [pad, (0, 0)], constant_values=NEG)
       lsum = jnp.pad(lsum, [(0, 0)] * 3 + [pad, (0, 0)])
       stats = _merge(stats, (o.reshape(b, h, t, dv), m.reshape(b, h, t), lsum.reshape(b, h, t)))
-  # Finest level: diagonal blocks at full width, causal inside.
-  fine = sizes[-1]
-  mult = 1.0 / pattern.level_divisor(nlev - 1)
+  # Diagonal tiles of level g at full width; levels finer than g are resolved inside the
+  # tile by selecting, per pair, the prefix product of its deepest shared level.
+  tile = sizes[g]
   mask_fn = (lambda i, j: j <= i) if pattern.causal else None
-  o, m, lsum = _piece(q_BHTK.reshape(-1, fine, q_BHTK.shape[-1]),
-                      k_BHTK.reshape(-1, fine, k_BHTK.shape[-1]),
-                      v_BHTV.reshape(-1, fine, dv), mult, mask_fn, chunk)
+  score_fn = None
+  if g < nlev - 1:
+    score_fn = functools.partial(_tile_scores, pattern=pattern, sizes=tuple(sizes), g=g)
+  o, m, lsum = _piece(q_BHTK.reshape(-1, tile, q_BHTK.shape[-1]),
+                      k_BHTK.reshape(-1, tile, k_BHTK.shape[-1]),
+                      v_BHTV.reshape(-1, tile, dv), 1.0 / pattern.level_divisor(g), mask_fn,
+                      chunk, score_fn)
   return _merge(stats, (o.reshape(b, h, t, dv), m.reshape(b, h, t), lsum.reshape(b, h, t)))
 
 
-def blocked_attention(q_BTHK, k_BTHK, v_BTHV, pattern: Pattern, chunk: int = QUERY_CHUNK):
+def _tile_scores(q_NQD, k_NKD, i, j, *, pattern: Pattern, sizes: tuple[int, ...], g: int):
+  """Scores inside diagonal tiles of level g: S_ij = q_i[:d_λ] . k_j[:d_λ] / div(λ), λ the
+  deepest level (>= g) whose block holds both i and j (tile-local positions suffice because
+  the tile size is a multiple of every finer block size)."""
+  acc = _acc(q_NQD)
+  prefix = (0,) + pattern.prefix
+  part = jnp.einsum("nqd,nkd->nqk", q_NQD[..., :prefix[g + 1]], k_NKD[..., :prefix[g + 1]],
+                    preferred_element_type=acc)
+  s = part / pattern.level_divisor(g)
+  for l in range(g + 1, len(sizes)):
+    a, e = prefix[l], prefix[l + 1]
+    part = part + jnp.einsum("nqd,nkd->nqk", q_NQD[..., a:e], k_NKD[..., a:e],
+                             preferred_element_type=acc)
+    same = (i // sizes[l]) == (j // sizes[l])
+    s = jnp.where(same, part / pattern.level_divisor(l), s)
+  return s
+
+
+def blocked_attention(q_BTHK, k_BTHK, v_BTHV, pattern: Pattern, chunk: int = QUERY_CHUNK,
+                      min_tile: int = MIN_TILE):
   """Nested block levels (MLR), O(sum_l T*b_l*d_l) FLOPs; see module docstring."""
   t = q_BTHK.shape[1]
   sizes = [size for s, size in zip(pattern.seqs, pattern.sizes) if s == "block"]
@@ -244,7 +281,7 @@ def blocked_attention(q_BTHK, k_BTHK, v_BTHV, pattern: Pattern, chunk: int = QUE
     ch = chunk
   else:
     ch = tt  # no chunking when the length does not tile
-  out = _finish(_blocked_stats(q, k, v, pattern, ch), v_BTHV.dtype)
+  out = _finish(_blocked_stats(q, k, v, pattern, ch, min_tile), v_BTHV.dtype)
   out = jnp.swapaxes(out, 1, 2)
   return out[:, :t] if pad else out
 
@@ -296,21 +333,49 @@ def _band_stats(q_BHTK, k_BHTK, v_BHTV, window: int, causal: bool, mult: float, 
   return o.reshape(b, h, t, dv), m.reshape(b, h, t), l.reshape(b, h, t)
 
 
-def windowed_attention(q_BTHK, k_BTHK, v_BTHV, pattern: Pattern, chunk: int = QUERY_CHUNK):
+def _pad_features(x_BTHK, width: int):
+  """Zero-pad q/k features to `width` (scores unchanged) so fused kernels can serve them."""
+  extra = width - x_BTHK.shape[-1]
+  return x_BTHK if extra <= 0 else jnp.pad(x_BTHK, [(0, 0)] * 3 + [(0, extra)])
+
+
+def _single_level(q_BTHK, k_BTHK, v_BTHV, seq: str, size: int, causal: bool, impl: str):
+  """One global or window level, through cuDNN when it can serve (features zero-padded)."""
+  pat = Pattern((seq,), (size,), (q_BTHK.shape[-1],), causal)
+  if impl in ("auto", "cudnn") and q_BTHK.shape[-1] < v_BTHV.shape[-1]:
+    qp, kp = (_pad_features(x, v_BTHV.shape[-1]) for x in (q_BTHK, k_BTHK))
+    padded = dataclasses.replace(pat, widths=(v_BTHV.shape[-1],))
+    if cudnn_supported(qp, kp, v_BTHV, padded)[0]:
+      return cudnn_attention(qp, kp, v_BTHV, padded)
+  return attention(q_BTHK, k_BTHK, v_BTHV, pat, impl)
+
+
+def windowed_attention(q_BTHK, k_BTHK, v_BTHV, pattern: Pattern, chunk: int = QUERY_CHUNK,
+                       impl: str = "xla"):
   """Sliding window (one level) or global|window (GSWA, renorm or sum)."""
-  q, k, v = (jnp.swapaxes(x, 1, 2) for x in (q_BTHK, k_BTHK, v_BTHV))
+  t = q_BTHK.shape[1]
   window = pattern.sizes[-1]
   causal = pattern.causal
-  bchunk = max(128, min(chunk, 1 << max(0, (window - 1).bit_length())))
+  if window >= t - 1:  # the band holds every pair: plain dense attention at full width
+    if pattern.combine == "sum":
+      a = pattern.widths[0]
+      return (_single_level(q_BTHK[..., :a], k_BTHK[..., :a], v_BTHV, "global", 0, causal, impl)
+              + _single_level(q_BTHK[..., a:], k_BTHK[..., a:], v_BTHV, "global", 0, causal,
+                              impl))
+    return dense_attention_xla(q_BTHK, k_BTHK, v_BTHV, causal)
+  if pattern.combine == "sum":
+    a = pattern.widths[0]
+    return (_single_level(q_BTHK[..., :a], k_BTHK[..., :a], v_BTHV, "global", 0, causal, impl)
+            + _single_level(q_BTHK[..., a:], k_BTHK[..., a:], v_BTHV, "window", window, causal,
+                            impl))
+  q, k, v = (jnp.swapaxes(x, 1, 2) for x in (q_BTHK, k_BTHK, v_BTHV))
+  # Query chunks of about w/4 (>= 64): each chunk scores ~1.25 w keys instead of 2 w.
+  bchunk = min(chunk, max(64, (1 << max(0, (window - 1).bit_length())) // 4))
+  inside = _band_stats(q, k, v, window, causal, 1.0, bchunk)
   if len(pattern.widths) == 1:
-    out = _finish(_band_stats(q, k, v, window, causal, 1.0, bchunk), v.dtype)
+    out = _finish(inside, v.dtype)
   else:
     a = pattern.widths[0]
-    if pattern.combine == "sum":
-      out_g = dense_attention_xla(q_BTHK[..., :a], k_BTHK[..., :a], v_BTHV, causal)
-      out_w = _finish(_band_stats(q[..., a:], k[..., a:], v, window, causal, 1.0, bchunk), v.dtype)
-      return out_g + jnp.swapaxes(out_w, 1, 2)
-    inside = _band_stats(q, k, v, window, causal, 1.0, bchunk)
     outside = _band_stats(q[..., :a], k[..., :a], v, window, causal, 1.0, chunk, outside=True)
     out = _finish(_merge(inside, outside), v.dtype)
   return jnp.swapaxes(out, 1, 2)
@@ -327,7 +392,7 @@ def dense_attention_xla(q_BTHK, k_BTHK, v_BTHV, causal: bool, window: int | None
   s = jnp.einsum("bihd,bjhd->bhij", q_BTHK, k_BTHK, preferred_element_type=_acc(q_BTHK))
   t = s.shape[-1]
   if causal:
-    s = jnp.where(jnp.tril(jnp.ones((t, t), bool)), s, -jnp.inf)
+    s = jnp.where(jnp.arange(t)[None, :] <= jnp.arange(t)[:, None], s, -jnp.inf)
   p = jax.nn.softmax(s, axis=-1).astype(v_BTHV.dtype)
   return jnp.einsum("bhij,bjhd->bihd", p, v_BTHV, preferred_element_type=_acc(v_BTHV)).astype(
       v_BTHV.dtype)
@@ -371,7 +436,7 @@ def attention(q_BTHK, k_BTHK, v_BTHV, pattern: Pattern, impl: str = "auto"):
   if seqs == ("global",):
     return dense_attention_xla(q_BTHK, k_BTHK, v_BTHV, pattern.causal)
   if "window" in seqs:
-    return windowed_attention(q_BTHK, k_BTHK, v_BTHV, pattern)
+    return windowed_attention(q_BTHK, k_BTHK, v_BTHV, pattern, impl=impl)
   if all(s == "global" for s in seqs):  # several global levels: one concatenated product
     if pattern.divide != "none":  # every pair is covered by all L levels
       q_BTHK = q_BTHK / len(seqs)

@@ -17,7 +17,7 @@ from flax import nnx
 
 from structattn.attention import core
 from structattn.attention.features import FEATURES
-from structattn.attention.spec import AttentionSpec, IMPLS
+from structattn.attention.spec import IMPLS, AttentionSpec, Level
 from structattn.linear import Dense
 
 
@@ -44,11 +44,21 @@ class Attention(nnx.Module):
     self.dtype = dtype
     self.pattern = pattern_of(spec)
     feats = []
-    for lv in spec.levels:
+    if len(spec.levels) > 1 and all(lv.kind == "lowrank" and lv.blocks == 1 for lv in spec.levels):
+      # Plain low-rank levels (MHA, SWA, GSWA, sequence MLR): one fused projection whose
+      # per-head output is the concatenation of the levels' features (same maps and init).
+      fused = Level("global", 0, "lowrank", spec.d_qk, 1)
+      self.features = nnx.List([FEATURES["lowrank"](fused, spec.d_model, spec.num_heads,
+                                                    rngs=rngs, dtype=dtype)])
+      levels = ()
+    else:
+      levels = spec.levels
+    for lv in levels:
       cls = FEATURES[lv.kind]
       kwargs = {"rms_cap": spec.btt_rms_cap} if lv.kind == "btt" else {}
       feats.append(cls(lv, spec.d_model, spec.num_heads, rngs=rngs, dtype=dtype, **kwargs))
-    self.features = nnx.List(feats)
+    if levels:
+      self.features = nnx.List(feats)
     if spec.qk_norm and spec.norm != "none":
       self.q_norm = nnx.Param(jnp.ones((spec.d_qk,), jnp.float32))
       self.k_norm = nnx.Param(jnp.ones((spec.d_qk,), jnp.float32))
