@@ -78,15 +78,16 @@ def main(argv=None):
   p.add_argument("--out", default="")
   args = p.parse_args(argv)
   rows = []
-  for name, cfg in CASES.items():
-    rows += check(name, cfg, args.seq_len, args.batch)
   print(f"backend={jax.default_backend()} device={jax.devices()[0].device_kind} jax={jax.__version__}")
   print(f"{'case':18s} {'T':>6s} {'impl':6s} {'served':7s} {'out':>9s} {'dq':>9s} {'dk':>9s} {'dv':>9s}")
   worst = 0.0
-  for r in rows:
-    print(f"{r['case']:18s} {r['T']:6d} {r['impl']:6s} {r['served_by']:7s} {r['out']:9.2e} "
-          f"{r['dq']:9.2e} {r['dk']:9.2e} {r['dv']:9.2e} {r['note']}")
-    worst = max(worst, r["out"], r["dq"], r["dk"], r["dv"])
+  for name, cfg in CASES.items():
+    new = check(name, cfg, args.seq_len, args.batch)
+    rows += new
+    for r in new:
+      print(f"{r['case']:18s} {r['T']:6d} {r['impl']:6s} {r['served_by']:7s} {r['out']:9.2e} "
+            f"{r['dq']:9.2e} {r['dk']:9.2e} {r['dv']:9.2e} {r['note']}", flush=True)
+      worst = max(worst, r["out"], r["dq"], r["dk"], r["dv"])
   print(f"worst relative error {worst:.3e} (bf16 target < 1e-2)")
   if args.out:
     with open(args.out, "w") as f:
