@@ -194,3 +194,23 @@ def kernel_flops(B: int, H: int, T: int, d: int, causal: bool = True,
   if causal:
     fwd //= 2
   return fwd * 7 // 2 if backward else fwd
+
+
+# ----------------------------------------------------------------------------- whole model
+
+
+def model_flops(specs, d_model: int, d_mlp: int, vocab_size: int, T: int | None = None) -> dict:
+  """Per-token compute of a GPT-style stack with one AttentionSpec per layer.
+
+  ``paper_macs_per_token``: the paper convention (forward MACs of the non-embedding matmuls:
+  attention and MLP; the LM head and embeddings excluded; attention pairs counted as in
+  `attention_macs(..., 'paper')` at full length T).
+  ``train_flops_per_token``: true training FLOPs, 6 x forward MACs (2 FLOPs per MAC, x3 for
+  forward + backward) of attention (causal pair counts), MLP and the LM head.
+  """
+  t = specs[0].seq_len if T is None else T
+  mlp = 2 * d_model * d_mlp
+  paper = sum(attention_macs(s, t, "paper")["total"] for s in specs) / t + len(specs) * mlp
+  true = sum(attention_macs(s, t, "true_fwd")["total"] for s in specs) / t + len(specs) * mlp
+  true += d_model * vocab_size
+  return {"paper_macs_per_token": float(paper), "train_flops_per_token": float(6 * true)}

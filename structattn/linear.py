@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from structattn.attention.spec import btt_factors
+from structattn.factors import btt_factors
 
 
 def _normal(rngs: nnx.Rngs, shape: tuple[int, ...], fan_in: int, zero: bool) -> jax.Array:

@@ -116,6 +116,8 @@ PATTERNS = {
     "swa_noncausal": core.Pattern(("window",), (7,), (6,), causal=False),
     "gswa": core.Pattern(("global", "window"), (0, 9), (3, 3)),
     "gswa_sum": core.Pattern(("global", "window"), (0, 9), (3, 3), combine="sum"),
+    "gswa_block_divide": core.Pattern(("global", "window"), (0, 9), (3, 3), divide="block"),
+    "gswa_levels_divide": core.Pattern(("global", "window"), (0, 70), (3, 3), divide="levels"),
 }
 
 

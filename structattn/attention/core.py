@@ -362,7 +362,8 @@ def windowed_attention(q_BTHK, k_BTHK, v_BTHV, pattern: Pattern, chunk: int = QU
       return (_single_level(q_BTHK[..., :a], k_BTHK[..., :a], v_BTHV, "global", 0, causal, impl)
               + _single_level(q_BTHK[..., a:], k_BTHK[..., a:], v_BTHV, "global", 0, causal,
                               impl))
-    return dense_attention_xla(q_BTHK, k_BTHK, v_BTHV, causal)
+    return dense_attention_xla(q_BTHK / pattern.level_divisor(len(pattern.widths) - 1), k_BTHK,
+                               v_BTHV, causal)
   if pattern.combine == "sum":
     a = pattern.widths[0]
     return (_single_level(q_BTHK[..., :a], k_BTHK[..., :a], v_BTHV, "global", 0, causal, impl)
@@ -371,12 +372,14 @@ def windowed_attention(q_BTHK, k_BTHK, v_BTHV, pattern: Pattern, chunk: int = QU
   q, k, v = (jnp.swapaxes(x, 1, 2) for x in (q_BTHK, k_BTHK, v_BTHV))
   # Query chunks of about w/4 (>= 64): each chunk scores ~1.25 w keys instead of 2 w.
   bchunk = min(chunk, max(64, (1 << max(0, (window - 1).bit_length())) // 4))
-  inside = _band_stats(q, k, v, window, causal, 1.0, bchunk)
-  if len(pattern.widths) == 1:
+  nlev = len(pattern.widths)
+  inside = _band_stats(q, k, v, window, causal, 1.0 / pattern.level_divisor(nlev - 1), bchunk)
+  if nlev == 1:
     out = _finish(inside, v.dtype)
   else:
     a = pattern.widths[0]
-    outside = _band_stats(q[..., :a], k[..., :a], v, window, causal, 1.0, chunk, outside=True)
+    outside = _band_stats(q[..., :a], k[..., :a], v, window, causal,
+                          1.0 / pattern.level_divisor(0), chunk, outside=True)
     out = _finish(_merge(inside, outside), v.dtype)
   return jnp.swapaxes(out, 1, 2)
 

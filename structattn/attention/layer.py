@@ -100,3 +100,21 @@ class Attention(nnx.Module):
     q, k, v = self.qkv(x_BTD)
     out_BTHV = core.attention(q, k, v, self.pattern, impl)
     return self.wo(out_BTHV.reshape(*out_BTHV.shape[:-2], -1))
+
+  # -- KV-cache decoding (causal) -------------------------------------------------------
+
+  def init_cache(self, batch: int, max_len: int, dtype=None) -> dict:
+    """Empty KV cache for `decode`: keys (B, S, H, d_qk), values (B, S, H, d_head), index 0."""
+    from structattn.attention import decode as kv
+    s = self.spec
+    return kv.init_cache(batch, max_len, s.num_heads, s.d_qk, s.d_head, dtype or self.dtype)
+
+  def decode(self, x_BTD, cache: dict):
+    """Process T new tokens (T=1: one step; T>1: prefill) against a KV cache.
+
+    Returns (y_BTD, new_cache); y equals the full causal forward at these positions."""
+    from structattn.attention import decode as kv
+    kv.check_pattern(self.pattern)
+    q, k, v = self.qkv(x_BTD)
+    out_BTHV, cache = kv.cached_attention(q, k, v, cache, self.pattern)
+    return self.wo(out_BTHV.reshape(*out_BTHV.shape[:-2], -1)), cache

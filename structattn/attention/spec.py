@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
+
+from structattn.factors import btt_factors  # noqa: F401  (re-exported)
 
 VARIANTS = ("mha", "swa", "gswa", "mlr", "bilinear_mlr", "bilinear_btt", "mlbtc")
 SCALES = ("mup", "standard", "inverse")
@@ -50,22 +52,6 @@ def scale_for_width(scale: str, width: int) -> float:
   if scale == "inverse":
     return 1.0 / width
   raise _err("scale", scale, f"allowed values are {SCALES}")
-
-
-def btt_factors(d: int) -> tuple[int, int]:
-  """D = a * b with b the smallest divisor of D strictly greater than sqrt(D).
-
-  16 -> (2, 8), 64 -> (4, 16), 256 -> (8, 32), 768 -> (24, 32), 1024 -> (16, 64).
-  Raises for D < 4 or D prime (no non-trivial factorisation).
-  """
-  if d < 4:
-    raise _err("d_model", d, "BTT needs d_model >= 4 with a non-trivial factorisation a*b")
-  root = math.isqrt(d)
-  for b in range(root + 1, d):
-    if d % b == 0:
-      return d // b, b
-  raise _err("d_model", d, "BTT needs d_model = a*b with 1 < a <= b < d_model "
-             "(a prime width cannot be factorised)")
 
 
 @dataclasses.dataclass(frozen=True)
