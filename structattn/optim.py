@@ -1,0 +1,89 @@
+"""AdamW with muP per-parameter learning rates, schedules and clipping (optax).
+
+muP (SPEC section 3): a matrix parameter with fan-in n gets learning rate lr * base_width / n;
+embeddings, positions, LayerNorm weights and biases (no `fan_in` metadata) get lr.  Inits
+(N(0, 1/fan_in), zero output projections) live in the modules.  `parametrization='standard'`
+gives every parameter the same lr (the control in the muP coordinate check).
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+SCHEDULES = ("constant", "cosine", "linear")
+PARAMETRIZATIONS = ("mup", "standard")
+
+
+def lr_multipliers(params: nnx.State, parametrization: str, base_width: int) -> Any:
+  """Pure-dict tree (like `nnx.to_pure_dict(params)`) of per-parameter lr multipliers."""
+  if parametrization not in PARAMETRIZATIONS:
+    raise ValueError(f"train.parametrization={parametrization!r} is invalid: allowed values are "
+                     f"{PARAMETRIZATIONS}")
+
+  def mult(v):
+    fan_in = getattr(v, "fan_in", None)
+    if parametrization == "standard" or not fan_in:
+      return 1.0
+    return float(base_width) / float(fan_in)
+
+  tree = jax.tree.map(mult, params, is_leaf=lambda x: isinstance(x, nnx.Variable))
+  return nnx.to_pure_dict(tree)
+
+
+def schedule(tc) -> optax.Schedule:
+  """Linear warmup then constant, cosine (to `min_lr_ratio` x lr) or linear decay."""
+  kind = tc.get("schedule", "constant")
+  if kind not in SCHEDULES:
+    raise ValueError(f"train.schedule={kind!r} is invalid: allowed values are {SCHEDULES}")
+  lr, warm, steps = float(tc.lr), int(tc.get("warmup_steps", 0)), int(tc.steps)
+  end = lr * float(tc.get("min_lr_ratio", 0.0))
+  warmup = optax.linear_schedule(0.0 if warm else lr, lr, max(1, warm))
+  decay_steps = max(1, steps - warm)
+  if kind == "constant":
+    after = optax.constant_schedule(lr)
+  elif kind == "cosine":
+    after = optax.cosine_decay_schedule(lr, decay_steps, alpha=end / lr if lr else 0.0)
+  else:
+    after = optax.linear_schedule(lr, end, decay_steps)
+  return optax.join_schedules([warmup, after], [warm]) if warm else after
+
+
+class ScaleByTreeState(NamedTuple):
+  pass
+
+
+def scale_by_tree(mults) -> optax.GradientTransformation:
+  """Multiply each update leaf by a fixed per-leaf scalar."""
+
+  def init(params):
+    del params
+    return ScaleByTreeState()
+
+  def update(updates, state, params=None):
+    del params
+    return jax.tree.map(lambda u, m: u * jnp.asarray(m, u.dtype), updates, mults), state
+
+  return optax.GradientTransformation(init, update)
+
+
+def make_optimizer(tc, params: nnx.State) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """clip -> Adam -> (decoupled weight decay) -> -lr(t) * per-parameter multiplier.
+
+  The transformation acts on pure-dict parameter trees (`nnx.to_pure_dict`)."""
+  mults = lr_multipliers(params, tc.get("parametrization", "mup"), int(tc.get("base_width", 768)))
+  sched = schedule(tc)
+  parts = []
+  if tc.get("clip_norm", 0.0):
+    parts.append(optax.clip_by_global_norm(float(tc.clip_norm)))
+  parts.append(optax.scale_by_adam(b1=float(tc.get("b1", 0.9)), b2=float(tc.get("b2", 0.95)),
+                                   eps=float(tc.get("eps", 1e-8))))
+  if tc.get("weight_decay", 0.0):
+    parts.append(optax.add_decayed_weights(float(tc.weight_decay)))
+  parts.append(optax.scale_by_schedule(lambda step: -sched(step)))
+  parts.append(scale_by_tree(mults))
+  return optax.chain(*parts), sched

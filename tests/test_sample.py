@@ -1,0 +1,58 @@
+"""Cached sampling: logits from the KV cache equal full recomputation, every variant."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from configs import lm as lm_configs
+from structattn import sample as sample_lib
+from structattn.models.gpt import GPT, GPTConfig
+from tests.test_attention import randomise
+
+
+def tiny_gpt(variant, pos="learned", seq_len=32):
+  c = lm_configs.get_config(f"tiny-{variant}")
+  c.model.update(d_model=16, num_layers=2, seq_len=seq_len, dtype="float64", pos=pos,
+                 attention_pattern="" if variant != "mixed" else "mha|swa")
+  c.attention.update(num_heads=2, window=5, mlr_ranks=(4, 2, 1, 1), gswa_split=(4, 4),
+                     bmlr_ranks=(4, 4))
+  if variant == "mixed":
+    c.attention.variant = "mha"
+  cfg = GPTConfig.from_config(c, vocab_size=11)
+  model = GPT(cfg, rngs=nnx.Rngs(0))
+  randomise(model, seed=3, scale=1.0)
+  return model
+
+
+@pytest.mark.parametrize("variant", ["mha", "swa", "gswa", "mlr", "bilinear_mlr", "bilinear_btt",
+                                     "mixed"])
+def test_cached_logits_equal_full_recomputation(variant):
+  model = tiny_gpt(variant)
+  tokens = jax.random.randint(jax.random.key(0), (2, 32), 0, 11)
+  full = np.asarray(jax.jit(lambda t: model(t))(tokens))
+  caches = model.init_cache(2, 32)
+  step = jax.jit(lambda tok, caches, start: model.decode(tok, caches, start))
+  logits, caches = step(tokens[:, :9], caches, jnp.int32(0))  # prefill
+  outs = [np.asarray(logits)]
+  for i in range(9, 32):
+    logits, caches = step(tokens[:, i:i + 1], caches, jnp.int32(i))
+    outs.append(np.asarray(logits))
+  np.testing.assert_allclose(np.concatenate(outs, axis=1), full, rtol=1e-8, atol=1e-8)
+
+
+@pytest.mark.parametrize("variant", ["mlr", "swa"])
+def test_sampling_beyond_training_length_without_positions(variant):
+  model = tiny_gpt(variant, pos="none", seq_len=32)
+  prompt = jnp.asarray([[1, 2, 3, 4]])
+  ids = sample_lib.generate(model, prompt, 44, temperature=0.0, max_len=48)
+  assert ids.shape == (1, 48)
+  full = np.asarray(model(jnp.asarray(ids)))  # greedy: each token is the argmax of the prefix
+  np.testing.assert_array_equal(ids[0, 4:], full[0, 3:-1].argmax(-1))
+
+
+def test_learned_positions_cap_the_length():
+  model = tiny_gpt("mha")
+  with pytest.raises(ValueError, match="model.seq_len"):
+    sample_lib.generate(model, jnp.asarray([[1, 2]]), 40)
