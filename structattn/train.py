@@ -23,7 +23,6 @@ from flax import nnx
 
 from structattn import checkpoint as ckpt_lib
 from structattn import flops as flops_lib
-from structattn import lm_data
 from structattn import rundir as rundir_lib
 from structattn.models.gpt import GPT, GPTConfig, param_counts
 from structattn.optim import make_optimizer
@@ -39,10 +38,14 @@ class NonFiniteLoss(RuntimeError):
 
 
 def cross_entropy(logits_BTV, targets_BT):
-  """Per-sequence mean token cross-entropy in float32, shape (B,)."""
-  logp = jax.nn.log_softmax(logits_BTV.astype(jnp.float32), axis=-1)
-  nll = -jnp.take_along_axis(logp, targets_BT[..., None], axis=-1)[..., 0]
-  return nll.mean(axis=-1)
+  """Per-sequence mean token cross-entropy in float32, shape (B,).
+
+  logsumexp minus the target logit: XLA fuses the float32 upcast into the reductions, so no
+  float32 copy of the (B, T, V) logits is materialised."""
+  logits = logits_BTV.astype(jnp.float32)
+  lse = jax.nn.logsumexp(logits, axis=-1)
+  target = jnp.take_along_axis(logits, targets_BT[..., None], axis=-1)[..., 0]
+  return (lse - target).mean(axis=-1)
 
 
 def loss_fn(params, graphdef, rest, batch):
@@ -107,6 +110,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   validate(config)
   rd = rundir_lib.RunDir(workdir)
   t_start = time.time()
+  from structattn import lm_data  # the data stack (TFDS, grain) only where data is read
   data = lm_data.build(config)  # validates data config, fails fast on a missing corpus
   cfg, model = build_model(config, data.vocab_size)
   graphdef, params_state, rest = nnx.split(model, nnx.Param, ...)

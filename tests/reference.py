@@ -7,8 +7,6 @@ library's feature modules or cores.
 
 import numpy as np
 
-from structattn.attention.spec import Level
-
 
 def _ln(x, w, eps=1e-6):
   mu = x.mean(-1, keepdims=True)
@@ -91,16 +89,21 @@ def attention_layer(module, x):
   b_, t, _ = x.shape
   h = spec.num_heads
   qs, ks = [], []
-  if len(module.features) == 1 and len(spec.levels) > 1:  # fused low-rank projection
-    fused = Level("global", 0, "lowrank", spec.d_qk, 1)
-    q, k = level_features(module.features[0], fused, x, h)
-    edges = np.cumsum([0] + list(spec.widths))
+  edges = np.cumsum([0] + list(spec.widths))
+  if module.wqkv is not None:  # fused Q|K|V projection of plain low-rank levels
+    kern = np.asarray(module.wqkv.kernel[...], np.float64)
+    hq = h * spec.d_qk
+    q = (x @ kern[:, :hq]).reshape(b_, t, h, spec.d_qk)
+    k = (x @ kern[:, hq:2 * hq]).reshape(b_, t, h, spec.d_qk)
+    wv = kern[:, 2 * hq:]
     qs = [q[..., a:e] for a, e in zip(edges[:-1], edges[1:])]
     ks = [k[..., a:e] for a, e in zip(edges[:-1], edges[1:])]
-  for feat, lv in zip(module.features if not qs else [], spec.levels):
-    q, k = level_features(feat, lv, x, h)
-    qs.append(q)
-    ks.append(k)
+  else:
+    wv = np.asarray(module.wv.kernel[...], np.float64)
+    for feat, lv in zip(module.features, spec.levels):
+      q, k = level_features(feat, lv, x, h)
+      qs.append(q)
+      ks.append(k)
   if module.q_norm is not None:
     wq = np.asarray(module.q_norm[...], np.float64)
     wk = np.asarray(module.k_norm[...], np.float64)
@@ -118,7 +121,6 @@ def attention_layer(module, x):
   masks = [level_mask(lv, t) for lv in spec.levels]
   per_level = [np.einsum("bihw,bjhw->bhij", q, k) * scale_for(spec.scale, q.shape[-1]) * m
                for q, k, m in zip(qs, ks, masks)]
-  wv = np.asarray(module.wv.kernel[...], np.float64)
   wo = np.asarray(module.wo.kernel[...], np.float64)
   v = (x @ wv).reshape(b_, t, h, spec.d_head)
   if spec.combine == "sum":

@@ -17,7 +17,7 @@ from flax import nnx
 
 from structattn.attention import core
 from structattn.attention.features import FEATURES
-from structattn.attention.spec import IMPLS, AttentionSpec, Level
+from structattn.attention.spec import IMPLS, AttentionSpec
 from structattn.linear import Dense
 
 
@@ -43,29 +43,27 @@ class Attention(nnx.Module):
     self.spec = spec
     self.dtype = dtype
     self.pattern = pattern_of(spec)
-    feats = []
-    if len(spec.levels) > 1 and all(lv.kind == "lowrank" and lv.blocks == 1 for lv in spec.levels):
-      # Plain low-rank levels (MHA, SWA, GSWA, sequence MLR): one fused projection whose
-      # per-head output is the concatenation of the levels' features (same maps and init).
-      fused = Level("global", 0, "lowrank", spec.d_qk, 1)
-      self.features = nnx.List([FEATURES["lowrank"](fused, spec.d_model, spec.num_heads,
-                                                    rngs=rngs, dtype=dtype)])
-      levels = ()
+    hv = spec.num_heads * spec.d_head
+    if all(lv.kind == "lowrank" and lv.blocks == 1 for lv in spec.levels):
+      # Plain low-rank levels (MHA, SWA, GSWA, sequence MLR): one fused Q|K|V projection;
+      # a head's q/k is the concatenation of its levels' features (same maps and init).
+      self.wqkv = Dense(spec.d_model, 2 * spec.num_heads * spec.d_qk + hv, rngs=rngs,
+                        dtype=dtype)
+      self.features = self.wv = None
     else:
-      levels = spec.levels
-    for lv in levels:
-      cls = FEATURES[lv.kind]
-      kwargs = {"rms_cap": spec.btt_rms_cap} if lv.kind == "btt" else {}
-      feats.append(cls(lv, spec.d_model, spec.num_heads, rngs=rngs, dtype=dtype, **kwargs))
-    if levels:
+      self.wqkv = None
+      feats = []
+      for lv in spec.levels:
+        cls = FEATURES[lv.kind]
+        kwargs = {"rms_cap": spec.btt_rms_cap} if lv.kind == "btt" else {}
+        feats.append(cls(lv, spec.d_model, spec.num_heads, rngs=rngs, dtype=dtype, **kwargs))
       self.features = nnx.List(feats)
+      self.wv = Dense(spec.d_model, hv, rngs=rngs, dtype=dtype)
     if spec.qk_norm and spec.norm != "none":
       self.q_norm = nnx.Param(jnp.ones((spec.d_qk,), jnp.float32))
       self.k_norm = nnx.Param(jnp.ones((spec.d_qk,), jnp.float32))
     else:
       self.q_norm = self.k_norm = None
-    hv = spec.num_heads * spec.d_head
-    self.wv = Dense(spec.d_model, hv, rngs=rngs, dtype=dtype)
     self.wo = Dense(hv, spec.d_model, rngs=rngs, dtype=dtype, zero_init=zero_init_out)
 
   # -- pieces ---------------------------------------------------------------------------
@@ -82,15 +80,24 @@ class Attention(nnx.Module):
 
   def qkv(self, x_BTD):
     """Scaled, normalised per-head queries and keys (levels concatenated) and values."""
-    qs, ks = zip(*(f(x_BTD) for f in self.features))
-    q_BTHK = self._normalise(jnp.concatenate(qs, axis=-1), self.q_norm)
-    k_BTHK = self._normalise(jnp.concatenate(ks, axis=-1), self.k_norm)
+    h, dqk, dh = self.spec.num_heads, self.spec.d_qk, self.spec.d_head
+    if self.wqkv is not None:
+      y = self.wqkv(x_BTD)
+      lead = y.shape[:-1]
+      q_BTHK = y[..., :h * dqk].reshape(*lead, h, dqk)
+      k_BTHK = y[..., h * dqk:2 * h * dqk].reshape(*lead, h, dqk)
+      v = y[..., 2 * h * dqk:]
+    else:
+      qs, ks = zip(*(f(x_BTD) for f in self.features))
+      q_BTHK, k_BTHK = jnp.concatenate(qs, axis=-1), jnp.concatenate(ks, axis=-1)
+      v = self.wv(x_BTD)
+    q_BTHK = self._normalise(q_BTHK, self.q_norm)
+    k_BTHK = self._normalise(k_BTHK, self.k_norm)
     scales = np.concatenate([np.full(w, s, np.float64)
                              for w, s in zip(self.spec.widths, self.spec.level_scales())])
     q_BTHK = (q_BTHK * jnp.asarray(scales, q_BTHK.dtype)).astype(self.dtype)
     k_BTHK = k_BTHK.astype(self.dtype)
-    v = self.wv(x_BTD)
-    v_BTHV = v.reshape(*v.shape[:-1], self.spec.num_heads, self.spec.d_head)
+    v_BTHV = v.reshape(*v.shape[:-1], h, dh)
     return q_BTHK, k_BTHK, v_BTHV
 
   def __call__(self, x_BTD, impl: str | None = None):
