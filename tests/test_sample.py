@@ -26,10 +26,11 @@ def tiny_gpt(variant, pos="learned", seq_len=32):
   return model
 
 
-@pytest.mark.parametrize("variant", ["mha", "swa", "gswa", "mlr", "bilinear_mlr", "bilinear_btt",
-                                     "mixed"])
-def test_cached_logits_equal_full_recomputation(variant):
-  model = tiny_gpt(variant)
+@pytest.mark.parametrize("variant,pos", [(v, "learned") for v in (
+    "mha", "swa", "gswa", "mlr", "bilinear_mlr", "bilinear_btt", "mixed")] + [
+        ("mha", "rope"), ("mlr", "rope"), ("gswa", "rope")])
+def test_cached_logits_equal_full_recomputation(variant, pos):
+  model = tiny_gpt(variant, pos=pos)
   tokens = jax.random.randint(jax.random.key(0), (2, 32), 0, 11)
   full = np.asarray(jax.jit(lambda t: model(t))(tokens))
   caches = model.init_cache(2, 32)
@@ -42,9 +43,10 @@ def test_cached_logits_equal_full_recomputation(variant):
   np.testing.assert_allclose(np.concatenate(outs, axis=1), full, rtol=1e-8, atol=1e-8)
 
 
-@pytest.mark.parametrize("variant", ["mlr", "swa"])
-def test_sampling_beyond_training_length_without_positions(variant):
-  model = tiny_gpt(variant, pos="none", seq_len=32)
+@pytest.mark.parametrize("variant,pos", [("mlr", "none"), ("swa", "none"), ("mlr", "rope"),
+                                         ("bilinear_btt", "rope")])
+def test_sampling_beyond_training_length(variant, pos):
+  model = tiny_gpt(variant, pos=pos, seq_len=32)
   prompt = jnp.asarray([[1, 2, 3, 4]])
   ids = sample_lib.generate(model, prompt, 44, temperature=0.0, max_len=48)
   assert ids.shape == (1, 48)
@@ -56,3 +58,18 @@ def test_learned_positions_cap_the_length():
   model = tiny_gpt("mha")
   with pytest.raises(ValueError, match="model.seq_len"):
     sample_lib.generate(model, jnp.asarray([[1, 2]]), 40)
+
+
+def test_rope_scores_depend_on_relative_position_only():
+  from structattn.attention.rope import apply_rope
+  rng = np.random.default_rng(0)
+  q = jnp.asarray(rng.normal(size=(1, 1, 1, 7)))
+  k = jnp.asarray(rng.normal(size=(1, 1, 1, 7)))
+  widths = (4, 3)  # two level segments, the second of odd width
+  def score(i, j, upto):
+    qi = apply_rope(q, jnp.full((1, 1), i), widths)[..., :upto]
+    kj = apply_rope(k, jnp.full((1, 1), j), widths)[..., :upto]
+    return float(jnp.sum(qi * kj))
+  for upto in (4, 7):  # every prefix of levels keeps the relative-position property
+    assert abs(score(5, 2, upto) - score(13, 10, upto)) < 1e-9
+    assert abs(score(5, 2, upto) - score(5, 4, upto)) > 1e-6

@@ -16,6 +16,7 @@ import numpy as np
 from flax import nnx
 
 from structattn.attention import core
+from structattn.attention.rope import apply_rope
 from structattn.attention.features import FEATURES
 from structattn.attention.spec import IMPLS, AttentionSpec
 from structattn.linear import Dense
@@ -39,8 +40,9 @@ class Attention(nnx.Module):
   """Multi-head attention whose score is any multi-level structured bilinear form."""
 
   def __init__(self, spec: AttentionSpec, *, rngs: nnx.Rngs, dtype=jnp.float32,
-               zero_init_out: bool = True):
+               zero_init_out: bool = True, rope: bool = False, rope_base: float = 10000.0):
     self.spec = spec
+    self.rope, self.rope_base = rope, rope_base
     self.dtype = dtype
     self.pattern = pattern_of(spec)
     hv = spec.num_heads * spec.d_head
@@ -78,8 +80,10 @@ class Attention(nnx.Module):
     parts = [layer_norm(f_BTHK[..., a:b], w[a:b]) for a, b in zip(edges[:-1], edges[1:])]
     return jnp.concatenate(parts, axis=-1)
 
-  def qkv(self, x_BTD):
-    """Scaled, normalised per-head queries and keys (levels concatenated) and values."""
+  def qkv(self, x_BTD, positions_BT=None):
+    """Scaled, normalised per-head queries and keys (levels concatenated) and values.
+
+    With rope, q and k are rotated per level segment by `positions_BT` (default 0..T-1)."""
     h, dqk, dh = self.spec.num_heads, self.spec.d_qk, self.spec.d_head
     if self.wqkv is not None:
       y = self.wqkv(x_BTD)
@@ -93,6 +97,11 @@ class Attention(nnx.Module):
       v = self.wv(x_BTD)
     q_BTHK = self._normalise(q_BTHK, self.q_norm)
     k_BTHK = self._normalise(k_BTHK, self.k_norm)
+    if self.rope:
+      if positions_BT is None:
+        positions_BT = jnp.broadcast_to(jnp.arange(x_BTD.shape[1]), x_BTD.shape[:2])
+      q_BTHK = apply_rope(q_BTHK, positions_BT, self.spec.widths, self.rope_base)
+      k_BTHK = apply_rope(k_BTHK, positions_BT, self.spec.widths, self.rope_base)
     scales = np.concatenate([np.full(w, s, np.float64)
                              for w, s in zip(self.spec.widths, self.spec.level_scales())])
     q_BTHK = (q_BTHK * jnp.asarray(scales, q_BTHK.dtype)).astype(self.dtype)
@@ -122,6 +131,8 @@ class Attention(nnx.Module):
     Returns (y_BTD, new_cache); y equals the full causal forward at these positions."""
     from structattn.attention import decode as kv
     kv.check_pattern(self.pattern)
-    q, k, v = self.qkv(x_BTD)
+    t = x_BTD.shape[1]
+    positions = jnp.broadcast_to(cache["index"] + jnp.arange(t), x_BTD.shape[:2])
+    q, k, v = self.qkv(x_BTD, positions)
     out_BTHV, cache = kv.cached_attention(q, k, v, cache, self.pattern)
     return self.wo(out_BTHV.reshape(*out_BTHV.shape[:-2], -1)), cache

@@ -4,7 +4,7 @@
 
 Per-layer patterns: `model.attention_pattern='mha|swa|swa'` cycles variants over layers
 (each variant takes its options from the `attention` config section).  Positions: learned
-absolute embeddings (the paper) or none (`pos='none'`).  Head: untied (zero init, muP) or tied
+absolute embeddings (the paper), rotary (`pos='rope'`, per level segment) or none.  Head: untied (zero init, muP) or tied
 to the token embedding.  Compute dtype `model.dtype` (bf16 on GPU), parameters float32.
 """
 
@@ -15,14 +15,13 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 from flax import nnx
 
 from structattn.attention import Attention, AttentionSpec, from_config
 from structattn.attention.layer import layer_norm
 from structattn.linear import Dense
 
-POSITIONS = ("learned", "none")
+POSITIONS = ("learned", "rope", "none")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float64": jnp.float64}
 
 
@@ -67,11 +66,12 @@ class MLP(nnx.Module):
 
 
 class Block(nnx.Module):
-  def __init__(self, spec: AttentionSpec, d_mlp: int, *, rngs: nnx.Rngs, dtype):
+  def __init__(self, spec: AttentionSpec, d_mlp: int, *, rngs: nnx.Rngs, dtype,
+               rope: bool = False):
     d = spec.d_model
     self.dtype = dtype
     self.ln1, self.ln2 = LayerNorm(d), LayerNorm(d)
-    self.attn = Attention(spec, rngs=rngs, dtype=dtype)
+    self.attn = Attention(spec, rngs=rngs, dtype=dtype, rope=rope)
     self.mlp = MLP(d, d_mlp, rngs=rngs, dtype=dtype)
 
   def __call__(self, x_BTD):
@@ -97,7 +97,7 @@ class GPTConfig:
   specs: tuple[AttentionSpec, ...] = ()
 
   @classmethod
-  def from_config(cls, config: ml_collections.ConfigDict, vocab_size: int) -> "GPTConfig":
+  def from_config(cls, config: Any, vocab_size: int) -> "GPTConfig":
     m = config.model
     if m.get("pos", "learned") not in POSITIONS:
       raise ValueError(f"model.pos={m.pos!r} is invalid: allowed values are {POSITIONS}")
@@ -122,7 +122,8 @@ class GPT(nnx.Module):
       self.pos = nnx.Param(jax.random.normal(rngs.params(), (cfg.seq_len, d)) * 0.02)
     else:
       self.pos = None
-    self.blocks = nnx.List([Block(s, cfg.d_mlp, rngs=rngs, dtype=cfg.dtype) for s in cfg.specs])
+    self.blocks = nnx.List([Block(s, cfg.d_mlp, rngs=rngs, dtype=cfg.dtype,
+                                  rope=cfg.pos == "rope") for s in cfg.specs])
     self.ln_f = LayerNorm(d)
     self.head = None if cfg.tie_embeddings else Dense(d, cfg.vocab_size, rngs=rngs,
                                                       dtype=cfg.dtype, zero_init=True)
