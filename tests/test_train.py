@@ -146,3 +146,14 @@ def test_grad_accumulation_matches_one_big_batch(corpus, tmp_path):
   ra = train_lib.train(a, str(tmp_path / "a"))
   rb = train_lib.train(b, str(tmp_path / "b"))
   np.testing.assert_allclose(ra["final/train_loss"], rb["final/train_loss"], rtol=1e-5)
+
+
+def test_non_finite_loss_stops_with_a_final_checkpoint(corpus, tmp_path):
+  config = tiny_config(corpus, steps=40)
+  config.train.update(lr=1e38, warmup_steps=0, clip_norm=0.0)  # overflows to inf, then NaN
+  config.model.dtype = "float32"
+  with pytest.raises(train_lib.NonFiniteLoss, match="non-finite training loss"):
+    train_lib.train(config, str(tmp_path))
+  res = json.loads((tmp_path / "result.json").read_text())
+  assert res["status"].startswith("failed: non-finite training loss")
+  assert any(p.name.isdigit() for p in (tmp_path / "checkpoints").iterdir())
