@@ -53,15 +53,18 @@ def loss_fn(params, graphdef, rest, batch):
   return cross_entropy(model(batch["inputs"]), batch["targets"]).mean()
 
 
-def train_step(params, opt_state, batch, *, graphdef, rest, tx, accum: int):
-  """One optimiser step on a batch of shape (accum * micro, T), gradient accumulation by scan."""
+def train_step(params, opt_state, batch, *, graphdef, rest, tx, accum: int = 1, loss=loss_fn):
+  """One optimiser step on a batch of leading size accum * micro, gradient accumulation by
+  scan.  `loss(params, graphdef, rest, batch)` defaults to the LM loss; tasks pass theirs."""
+  loss_fn_ = loss
+
   def micro(carry, mb):
-    loss, grads = jax.value_and_grad(loss_fn)(params, graphdef, rest, mb)
+    loss, grads = jax.value_and_grad(loss_fn_)(params, graphdef, rest, mb)
     acc_loss, acc_grads = carry
     return (acc_loss + loss, jax.tree.map(jnp.add, acc_grads, grads)), None
 
   if accum == 1:
-    loss, grads = jax.value_and_grad(loss_fn)(params, graphdef, rest, batch)
+    loss, grads = jax.value_and_grad(loss_fn_)(params, graphdef, rest, batch)
   else:
     mbs = jax.tree.map(lambda x: x.reshape(accum, -1, *x.shape[1:]), batch)
     zeros = jax.tree.map(jnp.zeros_like, params)

@@ -356,19 +356,14 @@ def windowed_attention(q_BTHK, k_BTHK, v_BTHV, pattern: Pattern, chunk: int = QU
   t = q_BTHK.shape[1]
   window = pattern.sizes[-1]
   causal = pattern.causal
-  if window >= t - 1:  # the band holds every pair: plain dense attention at full width
-    if pattern.combine == "sum":
-      a = pattern.widths[0]
-      return (_single_level(q_BTHK[..., :a], k_BTHK[..., :a], v_BTHV, "global", 0, causal, impl)
-              + _single_level(q_BTHK[..., a:], k_BTHK[..., a:], v_BTHV, "global", 0, causal,
-                              impl))
-    return dense_attention_xla(q_BTHK / pattern.level_divisor(len(pattern.widths) - 1), k_BTHK,
-                               v_BTHV, causal)
-  if pattern.combine == "sum":
+  if pattern.combine == "sum":  # each part dispatches on its own (a wide window is dense)
     a = pattern.widths[0]
     return (_single_level(q_BTHK[..., :a], k_BTHK[..., :a], v_BTHV, "global", 0, causal, impl)
             + _single_level(q_BTHK[..., a:], k_BTHK[..., a:], v_BTHV, "window", window, causal,
                             impl))
+  if window >= t - 1:  # the band holds every pair: plain dense attention at full width
+    return dense_attention_xla(q_BTHK / pattern.level_divisor(len(pattern.widths) - 1), k_BTHK,
+                               v_BTHV, causal)
   q, k, v = (jnp.swapaxes(x, 1, 2) for x in (q_BTHK, k_BTHK, v_BTHV))
   # Query chunks of about w/4 (>= 64): each chunk scores ~1.25 w keys instead of 2 w.
   bchunk = min(chunk, max(64, (1 << max(0, (window - 1).bit_length())) // 4))

@@ -16,13 +16,13 @@ from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
-import optax
 from flax import nnx
 
 from structattn.attention import AttentionSpec, from_config
 from structattn.icr.task import interleave
 from structattn.linear import Dense
 from structattn.models.gpt import Block, LayerNorm
+from structattn.train import train_step
 
 
 def icr_specs(attention: Mapping[str, Any], d_model: int, num_layers: int, seq_len: int,
@@ -79,14 +79,13 @@ def loss_fn(params, graphdef, rest, batch) -> jax.Array:
 
 
 def icr_train_step(params, opt_state, batch, *, graphdef, rest, tx):
-  """One optimiser step; returns (params, opt_state, metrics). Jit with a partial:
+  """One optimiser step (the shared `train.train_step` with the ICR loss); returns
+  (params, opt_state, metrics). Jit with a partial:
 
       step = jax.jit(functools.partial(icr_train_step, graphdef=g, rest=r, tx=tx))
   """
-  loss, grads = jax.value_and_grad(loss_fn)(params, graphdef, rest, batch)
-  updates, opt_state = tx.update(grads, opt_state, params)
-  params = optax.apply_updates(params, updates)
-  return params, opt_state, {"train/loss": loss, "grad_norm": optax.tree.norm(grads)}
+  return train_step(params, opt_state, batch, graphdef=graphdef, rest=rest, tx=tx,
+                    loss=loss_fn)
 
 
 def predict(params, batch, *, graphdef, rest) -> jax.Array:
