@@ -35,22 +35,51 @@ def lr_multipliers(params: nnx.State, parametrization: str, base_width: int) -> 
   return nnx.to_pure_dict(tree)
 
 
-def schedule(tc) -> optax.Schedule:
-  """Linear warmup then constant, cosine (to `min_lr_ratio` x lr) or linear decay."""
+def unit_schedule(tc) -> optax.Schedule:
+  """The schedule's shape with peak 1: linear warmup then constant, cosine (to
+  `min_lr_ratio`) or linear decay.  The learning rate is lr * unit_schedule(step)."""
   kind = tc.get("schedule", "constant")
   if kind not in SCHEDULES:
     raise ValueError(f"train.schedule={kind!r} is invalid: allowed values are {SCHEDULES}")
-  lr, warm, steps = float(tc.lr), int(tc.get("warmup_steps", 0)), int(tc.steps)
-  end = lr * float(tc.get("min_lr_ratio", 0.0))
-  warmup = optax.linear_schedule(0.0 if warm else lr, lr, max(1, warm))
+  warm, steps = int(tc.get("warmup_steps", 0)), int(tc.steps)
+  end = float(tc.get("min_lr_ratio", 0.0))
+  warmup = optax.linear_schedule(0.0, 1.0, max(1, warm))
   decay_steps = max(1, steps - warm)
   if kind == "constant":
-    after = optax.constant_schedule(lr)
+    after = optax.constant_schedule(1.0)
   elif kind == "cosine":
-    after = optax.cosine_decay_schedule(lr, decay_steps, alpha=end / lr if lr else 0.0)
+    after = optax.cosine_decay_schedule(1.0, decay_steps, alpha=end)
   else:
-    after = optax.linear_schedule(lr, end, decay_steps)
+    after = optax.linear_schedule(1.0, end, decay_steps)
   return optax.join_schedules([warmup, after], [warm]) if warm else after
+
+
+def schedule(tc) -> optax.Schedule:
+  """lr(step) = train.lr * unit_schedule(step) (for logging; the optimiser reads its lr from
+  its state)."""
+  lr, unit = float(tc.lr), unit_schedule(tc)
+  return lambda step: lr * unit(step)
+
+
+class ScaleByLRState(NamedTuple):
+  count: jax.Array
+  lr: jax.Array  # the peak learning rate: state, so that vmapped members may differ
+
+
+def scale_by_lr(lr: float, unit: optax.Schedule) -> optax.GradientTransformation:
+  """updates * -(lr * unit(count)), with lr held in the optimiser state (float32)."""
+
+  def init(params):
+    del params
+    return ScaleByLRState(jnp.zeros((), jnp.int32), jnp.asarray(lr, jnp.float32))
+
+  def update(updates, state, params=None):
+    del params
+    step_size = -(state.lr * unit(state.count))
+    updates = jax.tree.map(lambda u: u * step_size.astype(u.dtype), updates)
+    return updates, ScaleByLRState(state.count + 1, state.lr)
+
+  return optax.GradientTransformation(init, update)
 
 
 class ScaleByTreeState(NamedTuple):
@@ -74,7 +103,9 @@ def scale_by_tree(mults) -> optax.GradientTransformation:
 def make_optimizer(tc, params: nnx.State) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """clip -> Adam -> (decoupled weight decay) -> -lr(t) * per-parameter multiplier.
 
-  The transformation acts on pure-dict parameter trees (`nnx.to_pure_dict`)."""
+  The transformation acts on pure-dict parameter trees (`nnx.to_pure_dict`).  The peak lr is
+  part of the optimiser state, so `tx.update` of one transformation serves members with
+  different learning rates (`with_lr(opt_state, lr)` sets it)."""
   mults = lr_multipliers(params, tc.get("parametrization", "mup"), int(tc.get("base_width", 768)))
   sched = schedule(tc)
   parts = []
@@ -84,6 +115,13 @@ def make_optimizer(tc, params: nnx.State) -> tuple[optax.GradientTransformation,
                                    eps=float(tc.get("eps", 1e-8))))
   if tc.get("weight_decay", 0.0):
     parts.append(optax.add_decayed_weights(float(tc.weight_decay)))
-  parts.append(optax.scale_by_schedule(lambda step: -sched(step)))
+  parts.append(scale_by_lr(float(tc.lr), unit_schedule(tc)))
   parts.append(scale_by_tree(mults))
   return optax.chain(*parts), sched
+
+
+def with_lr(opt_state, lr) -> Any:
+  """opt_state with the peak learning rate of its `scale_by_lr` part replaced by lr."""
+  return jax.tree.map(
+      lambda s: s._replace(lr=jnp.asarray(lr, jnp.float32)) if isinstance(s, ScaleByLRState)
+      else s, opt_state, is_leaf=lambda s: isinstance(s, ScaleByLRState))

@@ -1,4 +1,4 @@
-"""Train a language model: one pure train step, jitted once; the loop logs, evals, checkpoints.
+"""Train any task: one pure train step, jitted once; the loop logs, evals, checkpoints.
 
     structattn-train --config=configs/lm.py:tiny --workdir=runs/tiny [--config.a.b=v ...]
     python -m structattn.train --config=configs/lm.py:paper-mlr-512 --workdir=runs/mlr512
@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import math
 import time
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -22,10 +23,10 @@ import optax
 from flax import nnx
 
 from structattn import checkpoint as ckpt_lib
-from structattn import flops as flops_lib
 from structattn import rundir as rundir_lib
-from structattn.models.gpt import GPT, GPTConfig, param_counts
-from structattn.optim import make_optimizer
+from structattn import tasks as tasks_lib
+from structattn.models.gpt import GPT, GPTConfig
+from structattn.optim import make_optimizer, schedule, with_lr
 
 H100_BF16_PEAK = 989e12
 
@@ -81,12 +82,33 @@ def eval_step(params, batch, *, graphdef, rest):
   return cross_entropy(model(batch["inputs"]), batch["targets"])
 
 
-def evaluate(eval_fn, params, batches) -> dict[str, float]:
-  """Mean held-out loss over sequences and its standard error."""
-  losses = np.concatenate([np.asarray(eval_fn(params, b)) for b in batches])
-  n = len(losses)
-  sem = float(losses.std(ddof=1) / math.sqrt(n)) if n > 1 else float("nan")
-  return {"eval/loss": float(losses.mean()), "eval/loss_sem": sem, "eval/sequences": n}
+def multi_step(params, opt_state, seed, step0, num_steps, *, batch_fn, step_fn):
+  """`num_steps` optimiser steps with batches drawn on device by batch_fn(seed, step): one
+  compiled call for many steps (a while loop, so num_steps may vary without recompiling).
+  Returns (params, opt_state, metrics of the last step, mean train loss over the steps)."""
+
+  def body(i, carry):
+    p, o, _, total = carry
+    p, o, m = step_fn(p, o, batch_fn(seed, step0 + i))
+    return p, o, m, total + m["train/loss"]
+
+  batch0 = jax.eval_shape(batch_fn, seed, step0)
+  m0 = jax.eval_shape(step_fn, params, opt_state, batch0)[2]
+  m0 = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), m0)
+  params, opt_state, m, total = jax.lax.fori_loop(
+      0, num_steps, body, (params, opt_state, m0, jnp.zeros((), jnp.float32)))
+  return params, opt_state, m, total / jnp.maximum(num_steps, 1)
+
+
+def evaluate(eval_fn, params, batches, summarize, prefix="eval", members=None):
+  """Held-out metrics: per-example arrays concatenated over batches, then summarised (once
+  per member when params are stacked over `members`)."""
+  outs = [jax.device_get(eval_fn(params, b)) for b in batches]
+  arrays = {k: np.concatenate([o[k] for o in outs], axis=0 if members is None else 1)
+            for k in outs[0]}
+  if members is None:
+    return summarize(arrays, prefix)
+  return [summarize({k: v[i] for k, v in arrays.items()}, prefix) for i in range(members)]
 
 
 # ----------------------------------------------------------------------------------- setup
@@ -100,120 +122,279 @@ def build_model(config: ml_collections.ConfigDict, vocab_size: int):
 
 def validate(config: ml_collections.ConfigDict) -> None:
   tc = config.train
-  for field in ("steps", "batch_size", "grad_accum"):
+  for field in ("batch_size", "grad_accum"):
     if int(tc.get(field, 0)) <= 0:
       raise ValueError(f"train.{field}={tc.get(field)!r} is invalid: must be a positive integer")
+  if int(tc.get("steps", 0)) <= 0 and not float(tc.get("compute_budget", 0) or 0) > 0:
+    raise ValueError(f"train.steps={tc.get('steps')!r} is invalid: must be a positive integer "
+                     f"(or set train.compute_budget > 0)")
   if tc.batch_size % tc.grad_accum:
     raise ValueError(f"train.grad_accum={tc.grad_accum} must divide train.batch_size="
                      f"{tc.batch_size}")
+  if int(tc.get("steps_per_call", 1)) <= 0:
+    raise ValueError(f"train.steps_per_call={tc.get('steps_per_call')!r} is invalid: must be a "
+                     f"positive integer")
+
+
+def resolve(config: ml_collections.ConfigDict, setup: tasks_lib.TaskSetup
+            ) -> ml_collections.ConfigDict:
+  """An unlocked copy of config with train.steps set from train.compute_budget (forward
+  non-embedding MACs, the paper's compute axis) when that is positive."""
+  config = ml_collections.ConfigDict(config.to_dict())
+  budget = float(config.train.get("compute_budget", 0) or 0)
+  if budget > 0:
+    per_step = setup.paper_macs_per_unit * setup.units_per_step
+    config.train.steps = max(1, int(math.ceil(budget / per_step)))
+  return config
+
+
+_SAME_EXCEPT = ("seed", "train.lr")
+
+
+def _flat(d, prefix=""):
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(_flat(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
+
+
+def check_group(configs) -> None:
+  """Members of one vmapped group may differ only in seed and train.lr."""
+  ref = _flat(configs[0].to_dict())
+  for i, c in enumerate(configs[1:], 1):
+    flat = _flat(c.to_dict())
+    diff = sorted(k for k in set(ref) | set(flat)
+                  if k not in _SAME_EXCEPT and ref.get(k) != flat.get(k))
+    if diff:
+      raise ValueError(f"vmapped members must differ only in {_SAME_EXCEPT}; member {i} also "
+                       f"differs in {diff}")
+
+
+def _stack(trees):
+  return jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *trees)
+
+
+def _member(tree, i):
+  return jax.tree.map(lambda x: x[i], tree)
+
+
+def _finished(result, config) -> bool:
+  """A completed run of at least the configured length (or the same compute budget)."""
+  if not result or result.get("status") != "completed":
+    return False
+  budget = float(config.train.get("compute_budget", 0) or 0)
+  if budget > 0:
+    return float(result.get("train/compute_budget", 0)) == budget
+  return int(result.get("train/steps", 0)) >= int(config.train.steps)
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Run (or resume) training; returns the final result dict (also written to result.json)."""
-  validate(config)
-  rd = rundir_lib.RunDir(workdir)
-  t_start = time.time()
-  from structattn import lm_data  # the data stack (TFDS, grain) only where data is read
-  data = lm_data.build(config)  # validates data config, fails fast on a missing corpus
-  cfg, model = build_model(config, data.vocab_size)
-  graphdef, params_state, rest = nnx.split(model, nnx.Param, ...)
-  params = nnx.to_pure_dict(params_state)
-  tx, sched = make_optimizer(config.train, params_state)
-  opt_state = tx.init(params)
-  counts = param_counts(model)
-  fl = flops_lib.model_flops(cfg.specs, cfg.d_model, cfg.d_mlp, data.vocab_size)
-  tokens_per_step = config.train.batch_size * cfg.seq_len
-  rd.write_json("config.json", config.to_dict())
+  """Run (or resume) one training run; returns its result (also written to result.json)."""
+  return _run([config], [workdir], vmapped=False)[0]
 
-  manager = ckpt_lib.Manager(rd.path / "checkpoints", keep=config.keep_checkpoints)
+
+def train_group(configs, workdirs, group_dir: str | None = None) -> list[dict[str, Any]]:
+  """Train several small models in one process, vmapped over members that differ only in
+  seed and train.lr.  Each member writes its own run directory, equal to a separate run's;
+  the stacked checkpoint lives in group_dir (default: `<first workdir>/../group-<names>`)."""
+  if len(configs) != len(workdirs) or not configs:
+    raise ValueError("train_group needs one workdir per config (and at least one)")
+  check_group(configs)
+  if group_dir is None:
+    first = Path(workdirs[0])
+    group_dir = str(first.parent / ("group-" + "+".join(Path(w).name for w in workdirs))[:200])
+  return _run(list(configs), list(workdirs), vmapped=True, group_dir=group_dir)
+
+
+def _run(configs, workdirs, vmapped: bool, group_dir: str | None = None):
+  for c in configs:
+    validate(c)
+  t_start = time.time()
+  rds = [rundir_lib.RunDir(w) for w in workdirs]
+  previous = [rd.read_json("result.json") for rd in rds]
+  if all(_finished(p, c) for p, c in zip(previous, configs)):
+    return previous  # finished: nothing to do
+  setups = [tasks_lib.build(c) for c in configs]  # fails fast on bad data config
+  configs = [resolve(c, s) for c, s in zip(configs, setups)]
+  config, setup = configs[0], setups[0]
+  members = len(configs) if vmapped else None
+  graphdef, params_state, rest = nnx.split(setup.model, nnx.Param, ...)
+  tx, _ = make_optimizer(config.train, params_state)
+  scheds = [schedule(c.train) for c in configs]
+  inits = []
+  for c, s in zip(configs, setups):
+    p = nnx.to_pure_dict(nnx.split(s.model, nnx.Param, ...)[1])
+    inits.append((p, with_lr(tx.init(p), float(c.train.lr))))
+  if vmapped:
+    params, opt_state = _stack([i[0] for i in inits]), _stack([i[1] for i in inits])
+  else:
+    params, opt_state = inits[0]
+  steps = int(config.train.steps)
+  units = setup.units_per_step
+  for c, rd in zip(configs, rds):
+    rd.write_json("config.json", c.to_dict())
+
+  ckpt_dir = Path(group_dir if vmapped else workdirs[0]) / "checkpoints"
+  manager = ckpt_lib.Manager(ckpt_dir, keep=config.keep_checkpoints)
   step = 0
-  train_iter = data.train_iterator()
   restored = manager.restore_latest(params, opt_state)
-  previous = rd.read_json("result.json")
-  if restored is not None and restored[0] >= config.train.steps and previous and \
-      previous.get("status") == "completed":
-    manager.close()
-    return previous  # a finished run: nothing to do
   if restored is not None:
     step, params, opt_state, data_state = restored
-    train_iter.set_state(data_state)
-    rd.truncate_metrics(step)
-  result = {"status": "running", "params/total": counts["total"],
-            "params/non_embedding": counts["non_embedding"], "device": rundir_lib.device_description(),
-            "versions": rundir_lib.versions(), "started": rundir_lib.now(), "resumed_from": step,
-            "compute/paper_macs_per_token": fl["paper_macs_per_token"],
-            "compute/train_flops_per_token": fl["train_flops_per_token"]}
-  rd.write_json("result.json", result)
+    if setup.train_batches is not None:
+      for s, st in zip(setups, data_state if vmapped else [data_state]):
+        s.train_batches.set_state(st)
+    for rd in rds:
+      rd.truncate_metrics(step)
+  results = [dict(setup.info, status="running", device=rundir_lib.device_description(),
+                  versions=rundir_lib.versions(), started=rundir_lib.now(), resumed_from=step,
+                  unit=setup.unit, units_per_step=units,
+                  **{"train/steps": steps,
+                     "train/compute_budget": float(config.train.get("compute_budget", 0) or 0)})
+             for _ in configs]
+  failed = [None] * len(configs)
+  for rd, r in zip(rds, results):
+    rd.write_json("result.json", r)
 
-  step_fn = jax.jit(functools.partial(train_step, graphdef=graphdef, rest=rest, tx=tx,
-                                      accum=config.train.grad_accum), donate_argnums=(0, 1))
-  eval_fn = jax.jit(functools.partial(eval_step, graphdef=graphdef, rest=rest))
-  eval_batches = data.eval_batches()
+  accum = config.train.grad_accum
+  one_step = functools.partial(train_step, graphdef=graphdef, rest=rest, tx=tx, accum=accum,
+                               loss=setup.loss)
+  def one_eval(params, batch):
+    return setup.eval_metrics(params, graphdef, rest, batch)
+
+  if setup.batch_fn is not None:
+    k_fn = functools.partial(multi_step, batch_fn=setup.batch_fn, step_fn=one_step)
+    if vmapped:
+      k_fn = jax.vmap(k_fn, in_axes=(0, 0, 0, None, None))
+    step_fn = jax.jit(k_fn, donate_argnums=(0, 1))
+    seeds = np.asarray([int(c.seed) for c in configs], np.int32)
+    seed_arg = seeds if vmapped else seeds[0]
+  else:
+    step_fn = jax.jit(jax.vmap(one_step) if vmapped else one_step, donate_argnums=(0, 1))
+  eval_fn = jax.jit(jax.vmap(one_eval) if vmapped else one_eval)
+
+  def stacked(batches_per_member):
+    return _stack(batches_per_member) if vmapped else batches_per_member[0]
+
+  eval_batches = ([_stack(bs) for bs in zip(*[s.eval_batches for s in setups])]
+                  if vmapped else list(setup.eval_batches))
+
+  def data_state():
+    if setup.train_batches is None:
+      return {"step": step}
+    states = [s.train_batches.get_state() for s in setups]
+    return states if vmapped else states[0]
+
   on_gpu = jax.default_backend() == "gpu"
   bar = None
-  if config.get("progress", True) and rd.writer:
+  if config.get("progress", True) and rds[0].writer:
     from tqdm.auto import tqdm
-    bar = tqdm(total=config.train.steps, initial=step, desc="train", dynamic_ncols=True)
+    bar = tqdm(total=steps, initial=step, desc="train", dynamic_ncols=True)
+  log_every, eval_every = int(config.log_every), int(config.eval.every)
+  ckpt_every, per_call = int(config.checkpoint_every), int(config.train.get("steps_per_call", 1))
 
-  last_eval: dict[str, float] = {}
-  last_loss = None
+  def event(s):  # steps after which the host must see the state
+    return s == 1 or s % log_every == 0 or s % eval_every == 0 or s % ckpt_every == 0 or \
+        s == steps
+
+  last_eval: list[dict] = [{} for _ in configs]
+  last_loss = [None] * len(configs)
   window_t, window_steps = time.time(), 0
   try:
-    while step < config.train.steps:
-      batch = next(train_iter)
-      params, opt_state, metrics = step_fn(params, opt_state, batch)
-      step += 1
-      window_steps += 1
-      is_last = step == config.train.steps
-      if step % config.log_every == 0 or is_last or step == 1:
+    while step < steps:
+      if setup.batch_fn is not None:
+        n = 1
+        while n < per_call and step + n < steps and not event(step + n):
+          n += 1
+        params, opt_state, metrics, mean_loss = step_fn(params, opt_state, seed_arg, step, n)
+      else:
+        n = 1
+        batch = stacked([next(s.train_batches) for s in setups])
+        params, opt_state, metrics = step_fn(params, opt_state, batch)
+        mean_loss = None
+      step += n
+      window_steps += n
+      is_last = step == steps
+      if step % log_every == 0 or is_last or step == 1:
         metrics = jax.device_get(metrics)
-        loss = last_loss = float(metrics["train/loss"])
         dt = (time.time() - window_t) / window_steps
         window_t, window_steps = time.time(), 0
-        row = {"step": step, "tokens": step * tokens_per_step,
-               "compute/paper_macs": fl["paper_macs_per_token"] * step * tokens_per_step,
-               "compute/train_flops": fl["train_flops_per_token"] * step * tokens_per_step,
-               "lr": float(sched(step - 1)), "train/loss": loss,
-               "grad_norm": float(metrics["grad_norm"]), "time/step_s": dt,
-               "throughput/tokens_per_s": tokens_per_step / dt if dt > 0 else 0.0}
-        if on_gpu:
-          row["throughput/mfu"] = row["throughput/tokens_per_s"] * fl["train_flops_per_token"] / (
-              H100_BF16_PEAK * jax.device_count())
-        if not math.isfinite(loss):
-          raise NonFiniteLoss(f"non-finite training loss {loss} at step {step}")
-        if step % config.eval.every == 0 or is_last:
-          last_eval = evaluate(eval_fn, params, eval_batches)
-          row.update(last_eval)
-        rd.log(row)
+        do_eval = step % eval_every == 0 or is_last
+        evals = (evaluate(eval_fn, params, eval_batches, setup.summarize, members=members)
+                 if do_eval else None)
+        rate = units * (members or 1) / dt if dt > 0 else 0.0
+        for i, rd in enumerate(rds):
+          if failed[i]:
+            continue
+          m = _member(metrics, i) if vmapped else metrics
+          loss = last_loss[i] = float(m["train/loss"])
+          row = {"step": step, setup.unit: step * units,
+                 "compute/paper_macs": setup.paper_macs_per_unit * step * units,
+                 "compute/train_flops": setup.train_flops_per_unit * step * units,
+                 "lr": float(scheds[i](step - 1)), "train/loss": loss,
+                 "grad_norm": float(m["grad_norm"]), "time/step_s": dt,
+                 f"throughput/{setup.unit}_per_s": rate}
+          if mean_loss is not None:
+            ml = np.asarray(jax.device_get(mean_loss))
+            row["train/loss_mean"] = float(ml[i] if vmapped else ml)
+          if on_gpu:
+            row["throughput/mfu"] = rate * setup.train_flops_per_unit / (
+                H100_BF16_PEAK * jax.device_count())
+          if evals is not None:
+            last_eval[i] = evals[i] if vmapped else evals
+            row.update(last_eval[i])
+          rd.log(row)
+          if not math.isfinite(loss):
+            failed[i] = f"non-finite training loss {loss} at step {step}"
+            if not vmapped:
+              raise NonFiniteLoss(failed[i])
+            results[i].update(status=f"failed: {failed[i]}", wall_time_s=time.time() - t_start)
+            rd.write_json("result.json", results[i])
+        if all(failed):
+          raise NonFiniteLoss("every member: " + "; ".join(failed))
         if bar is not None:
-          bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{row['throughput/tokens_per_s']:.3g}")
+          bar.set_postfix(loss=f"{last_loss[0]:.4g}", rate=f"{rate:.3g}")
       if bar is not None:
-        bar.update(1)
-      if step % config.checkpoint_every == 0 or is_last:
-        manager.save(step, params, opt_state, train_iter.get_state())
+        bar.update(n)
+      if step % ckpt_every == 0 or is_last:
+        manager.save(step, params, opt_state, data_state())
   except NonFiniteLoss as e:
-    manager.save(step, params, opt_state, train_iter.get_state(), force=True)
+    manager.save(step, params, opt_state, data_state(), force=True)
     manager.close()
-    result.update(status=f"failed: {e}; stopped after a final checkpoint at step {step}",
-                  wall_time_s=time.time() - t_start)
-    rd.write_json("result.json", result)
-    rd.close()
+    for i, rd in enumerate(rds):
+      results[i].update(status=f"failed: {failed[i] or e}; stopped after a final checkpoint at "
+                        f"step {step}", wall_time_s=time.time() - t_start)
+      rd.write_json("result.json", results[i])
+      rd.close()
     raise
   finally:
     if bar is not None:
       bar.close()
   manager.close()
-  result.update(
-      status="completed", tokens=step * tokens_per_step,
-      **{"final/train_loss": last_loss,
-         "final/eval_loss": last_eval.get("eval/loss"),
-         "final/eval_loss_sem": last_eval.get("eval/loss_sem"),
-         "compute/paper_macs": fl["paper_macs_per_token"] * step * tokens_per_step,
-         "compute/train_flops": fl["train_flops_per_token"] * step * tokens_per_step},
-      wall_time_s=time.time() - t_start, finished=rundir_lib.now())
-  rd.write_json("result.json", result)
-  rd.close()
-  return result
+  test_evals = None
+  if setup.test_batches is not None:
+    test_batches = ([_stack(bs) for bs in zip(*[s.test_batches for s in setups])]
+                    if vmapped else list(setup.test_batches))
+    test_evals = evaluate(eval_fn, params, test_batches, setup.summarize, prefix="test",
+                          members=members)
+  for i, rd in enumerate(rds):
+    if failed[i]:
+      rd.close()
+      continue
+    r = results[i]
+    r.update(status="completed", **{setup.unit: step * units, "final/train_loss": last_loss[i],
+             "compute/paper_macs": setup.paper_macs_per_unit * step * units,
+             "compute/train_flops": setup.train_flops_per_unit * step * units},
+             wall_time_s=time.time() - t_start, finished=rundir_lib.now())
+    for key, final_key in setup.final.items():
+      r[final_key] = last_eval[i].get(key)
+    if test_evals is not None:
+      r.update(test_evals[i] if vmapped else test_evals)
+    rd.write_json("result.json", r)
+    rd.close()
+  return results
 
 
 # ------------------------------------------------------------------------------------- CLI
@@ -232,7 +413,8 @@ def main(argv=None):
     del argv
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
     result = train(flags.FLAGS.config, flags.FLAGS.workdir)
-    print({k: result[k] for k in ("status", "final/train_loss", "final/eval_loss", "tokens")})
+    print({k: v for k, v in result.items()
+           if k == "status" or k.startswith(("final/", "test/")) or k == result.get("unit")})
 
   app.run(_main, argv=argv)
 
