@@ -295,7 +295,7 @@ class TrainBatches:
   """Endless shuffled train batches: epoch e visits the windows in the order
   `default_rng([seed, e]).permutation(N)`; batch k holds stream positions kB..kB+B-1, so a
   batch is a pure function of (seed, position). State: {'position', 'seed', 'num_windows'}.
-  Each batch carries `seed_2` = (seed, step) for dropout."""
+  Each batch carries `seed_B2` = (seed, stream position) per window, for dropout keys."""
 
   def __init__(self, windows: Windows, batch_size: int, seed: int):
     if batch_size < 1:
@@ -323,10 +323,11 @@ class TrainBatches:
     return self
 
   def __next__(self) -> dict[str, np.ndarray]:
-    step = self.position // self.batch_size
     x, y = self.windows.batch(self.indices(self.position))
+    pos_B = self.position + np.arange(self.batch_size)
     self.position += self.batch_size
-    return {"x_BLC": x, "y_BHC": y, "seed_2": np.asarray([self.seed, step], np.uint32)}
+    seed_B2 = np.stack([np.full_like(pos_B, self.seed), pos_B], axis=1).astype(np.uint32)
+    return {"x_BLC": x, "y_BHC": y, "seed_B2": seed_B2}
 
   def get_state(self) -> dict[str, Any]:
     return {"position": int(self.position), "seed": self.seed, "num_windows": len(self.windows)}
