@@ -1,0 +1,143 @@
+"""Fused Pallas MLR kernel (interpret mode, float32) against the masked-dense oracle.
+
+Outputs and gradients (dq, dk, dv) for causal and non-causal nested block levels, tiles
+larger than the finest blocks, unequal q/k tiles, several width runs and divide options.
+"""
+
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from structattn.attention import core
+from structattn.attention.pallas_mlr import KernelTiles, Tiles, mlr_attention_pallas
+
+warnings.filterwarnings("ignore", category=DeprecationWarning)
+
+P = core.Pattern
+
+
+def _qkv(b, t, h, k, dv, seed):
+  ks = jax.random.split(jax.random.key(seed), 4)
+  q = jax.random.normal(ks[0], (b, t, h, k), jnp.float32) * float(2 / np.sqrt(k))
+  k_ = jax.random.normal(ks[1], (b, t, h, k), jnp.float32)
+  v = jax.random.normal(ks[2], (b, t, h, dv), jnp.float32)
+  w = jax.random.normal(ks[3], (b, t, h, dv), jnp.float32)
+  return q, k_, v, w
+
+
+def _check(pat, t, dv=16, bq=16, bk=16, b=2, h=2, seed=0, tiles=None, tol=2e-5):
+  q, k, v, w = _qkv(b, t, h, sum(pat.widths), dv, seed)
+  kw = dict(interpret=True, block_q=bq, block_k=bk, tiles=tiles)
+  fast = lambda q, k, v: mlr_attention_pallas(q, k, v, pat, **kw)
+  ref = lambda q, k, v: core.reference_attention(q, k, v, pat)
+  loss = lambda f: (lambda q, k, v: jnp.sum(f(q, k, v) * w))
+  out, g_fast = jax.jit(lambda *a: (fast(*a), jax.grad(loss(fast), argnums=(0, 1, 2))(*a)))(q, k, v)
+  a64 = [x.astype(jnp.float64) for x in (q, k, v)]
+  w = w.astype(jnp.float64)
+  want, g_ref = jax.jit(lambda *a: (ref(*a), jax.grad(loss(ref), argnums=(0, 1, 2))(*a)))(*a64)
+  assert out.shape == want.shape and out.dtype == jnp.float32
+  np.testing.assert_allclose(out, want, rtol=tol, atol=tol)
+  for name, a, r in zip("qkv", g_fast, g_ref):
+    scale = float(jnp.abs(r).max())
+    assert scale > 1e-3
+    np.testing.assert_allclose(a / scale, r / scale, rtol=tol, atol=tol, err_msg=f"d{name}")
+
+
+CASES = {
+    # one global level: plain causal flash attention
+    "dense": (P(("global",), (0,), (16,)), 64, dict()),
+    # global + blocks 32 (coarse) + 8 (finer than the 16-token tiles), block divide
+    "mlr3_block": (P(("global", "block", "block"), (0, 32, 8), (8, 4, 4), divide="block"), 64,
+                   dict()),
+    # 8-token and 16-token blocks inside 32-wide tiles, 5 levels, K=20 padded to 32
+    "mlr5_fine": (P(("global", "block", "block", "block", "block"), (0, 64, 32, 16, 8),
+                    (8, 4, 2, 2, 4), divide="block"), 128, dict(bq=32, bk=32, dv=32)),
+    "mlr5_fine_noncausal": (P(("global", "block", "block", "block", "block"), (0, 64, 32, 16, 8),
+                              (8, 4, 2, 2, 4), causal=False, divide="block"), 128,
+                            dict(bq=32, bk=32, dv=32)),
+    # unequal q/k tiles
+    "tall_q": (P(("global", "block", "block"), (0, 32, 8), (8, 4, 4)), 64, dict(bq=32, bk=16)),
+    "wide_k": (P(("global", "block", "block"), (0, 32, 8), (8, 4, 4), causal=False), 64,
+               dict(bq=16, bk=32)),
+    # three width runs (16 | 32 | 64): three far loops, four gradient bands
+    "width_runs": (P(("global", "block", "block"), (0, 64, 32), (16, 16, 32), divide="levels"),
+                   128, dict(bq=16, bk=32, dv=24)),
+    "width_runs_noncausal": (P(("global", "block", "block"), (0, 64, 32), (16, 16, 32),
+                               causal=False), 128, dict(bq=32, bk=16, dv=8)),
+    # level 0 is a block level: pairs outside it are never attended
+    "local_only": (P(("block", "block"), (32, 8), (8, 8)), 64, dict()),
+    # every level finer than the tiles (no coarse level)
+    "sub_tile": (P(("block", "block"), (16, 4), (8, 8), causal=False), 64, dict(bq=32, bk=32)),
+    # causal length not a multiple of the blocks or tiles: padded
+    "ragged_causal": (P(("global", "block", "block"), (0, 16, 8), (8, 4, 4), divide="block"), 40,
+                      dict()),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_matches_reference_values_and_grads(name):
+  pat, t, kw = CASES[name]
+  _check(pat, t, **kw)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_random_shapes(seed):
+  rng = np.random.default_rng(100 + seed)
+  nlev = int(rng.integers(2, 5))
+  tile = int(rng.choice([16, 32]))
+  t = 128
+  sizes = [0] + sorted((int(2 ** rng.integers(2, 7)) for _ in range(nlev - 1)), reverse=True)
+  ranks = tuple(int(r) for r in rng.integers(1, 9, size=nlev))
+  pat = P(("global",) + ("block",) * (nlev - 1), tuple(sizes), ranks,
+          causal=bool(seed % 2 == 0), divide=["none", "block", "levels"][seed])
+  tiles = Tiles(KernelTiles(tile, 16), KernelTiles(16, tile), KernelTiles(tile, tile))
+  _check(pat, t, dv=int(rng.choice([8, 16, 32])), b=1, h=int(rng.integers(1, 3)), seed=seed,
+         tiles=tiles, bq=None, bk=None)
+
+
+def test_matches_blocked_attention_bf16():
+  """bf16 inputs, float32 accumulation: close to the XLA core on the same inputs."""
+  pat = P(("global", "block", "block"), (0, 32, 8), (16, 8, 8), divide="block")
+  q, k, v, _ = _qkv(1, 64, 2, 32, 16, 3)
+  q, k, v = (x.astype(jnp.bfloat16) for x in (q, k, v))
+  out = jax.jit(lambda *a: mlr_attention_pallas(*a, pat, interpret=True, block_q=32,
+                                                block_k=16))(q, k, v)
+  want = core.blocked_attention(*(x.astype(jnp.float32) for x in (q, k, v)), pat)
+  assert out.dtype == jnp.bfloat16
+  np.testing.assert_allclose(out.astype(jnp.float32), want, rtol=2e-2, atol=2e-2)
+
+
+def test_rejects_unsupported():
+  q = jnp.zeros((1, 48, 1, 8), jnp.float32)
+  with pytest.raises(ValueError, match="global/block"):
+    mlr_attention_pallas(q, q, q, P(("window",), (4,), (8,)), interpret=True)
+  with pytest.raises(ValueError, match="divisible"):
+    mlr_attention_pallas(q, q, q, P(("global", "block"), (0, 32), (4, 4), causal=False),
+                         interpret=True)
+  with pytest.raises(ValueError, match="powers of two"):
+    mlr_attention_pallas(q, q, q, P(("global",), (0,), (8,)), interpret=True, block_q=24)
+
+
+def test_lowers_to_triton_for_cuda():
+  """The kernels lower to Triton IR for an H100 (cross-platform lowering, no GPU needed)."""
+  try:
+    from jax._src.pallas.triton import gpu_info
+    h100 = gpu_info.get_gpu_info_from_version(gpu_info.GpuVersion.H100)
+  except (ImportError, AttributeError) as e:
+    pytest.skip(f"no Triton GPU info in this jax: {e}")
+  old = gpu_info.get_gpu_info
+  gpu_info.get_gpu_info = lambda: h100
+  try:
+    pat = P(("global", "block", "block", "block"), (0, 256, 128, 8), (32, 8, 8, 16),
+            divide="block")
+    q = jax.ShapeDtypeStruct((1, 512, 2, 64), jnp.bfloat16)
+    f = lambda q, k, v: mlr_attention_pallas(q, k, v, pat)
+    g = jax.grad(lambda q, k, v: jnp.sum(f(q, k, v).astype(jnp.float32)), argnums=(0, 1, 2))
+    for fn, n in ((f, 1), (g, 3)):
+      txt = jax.jit(fn).trace(q, q, q).lower(lowering_platforms=("cuda",)).as_text()
+      assert txt.count("xla.gpu.triton") == n
+  finally:
+    gpu_info.get_gpu_info = old
