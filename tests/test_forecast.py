@@ -1,0 +1,226 @@
+"""Forecasting: LTSF splits and scaling, no look-ahead, TFDS == CSV, resumable batches,
+non-causal attention, config errors, and a tiny model that beats repeat-last on ETTh1."""
+
+import json
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from configs import forecast as fc_configs
+from structattn import tasks as tasks_lib
+from structattn import train as train_lib
+from structattn.forecast import data as fdata
+
+SHARED = fdata.resolve_data_dir(fdata.DEFAULT_DATA_DIR)
+pytestmark = pytest.mark.skipif(not (SHARED / "ETTh1.csv").is_file(),
+                                reason=f"LTSF CSVs not found at {SHARED}")
+
+
+def raw(name):
+  info = fdata.DATASETS[name]
+  return fdata.read_csv(fdata.csv_path(name), info.date)[1]
+
+
+# ------------------------------------------------------------------------------ splits
+
+
+def test_ett_splits_and_train_only_statistics():
+  s = fdata.load_splits("etth1", seq_len=512, source="csv")
+  assert s.borders == {"train": (0, 8640), "val": (8640 - 512, 11520),
+                       "test": (11520 - 512, 14400)}
+  assert s.train.shape == (8640, 7) and s.val.shape == (2880 + 512, 7)
+  assert s.test.shape == (2880 + 512, 7) and s.train.dtype == np.float32
+  values = raw("etth1")
+  mean, std = values[:8640].mean(0), values[:8640].std(0)
+  np.testing.assert_allclose(s.mean, mean, rtol=1e-12)
+  np.testing.assert_allclose(s.std, std, rtol=1e-12)
+  # Train split has zero mean / unit std; val and test do not (train statistics only).
+  np.testing.assert_allclose(s.train.mean(0), 0, atol=1e-5)
+  np.testing.assert_allclose(s.train.std(0), 1, atol=1e-4)
+  assert np.abs(s.test.mean(0)).max() > 0.1
+  np.testing.assert_allclose(s.test, ((values[11008:14400] - mean) / std).astype(np.float32))
+  # The val look-back is the end of train: the splits' forecast rows do not overlap.
+  np.testing.assert_array_equal(s.val[:512], s.train[-512:])
+
+
+@pytest.mark.parametrize("name,n,seq_len", [("exchange", 7588, 96), ("illness", 966, 104)])
+def test_ratio_splits(name, n, seq_len):
+  s = fdata.load_splits(name, seq_len=seq_len, source="csv")
+  n_train, n_test = int(0.7 * n), int(0.2 * n)
+  n_val = n - n_train - n_test
+  assert s.borders == {"train": (0, n_train), "val": (n_train - seq_len, n_train + n_val),
+                       "test": (n - n_test - seq_len, n)}
+  np.testing.assert_allclose(s.mean, raw(name)[:n_train].mean(0), rtol=1e-12)
+  w = fdata.Windows(s.test, seq_len, 24)
+  assert len(w) == n_test - 24 + 1
+
+
+def test_no_look_ahead(tmp_path):
+  """Changing values after a window's look-back (test rows, after the train rows) leaves its
+  inputs unchanged, and its target is exactly the next `horizon` rows."""
+  lines = (SHARED / "ETTh1.csv").read_text().splitlines()
+  seq_len, horizon, i = 512, 96, 700
+  s0 = fdata.load_splits("etth1", seq_len=seq_len, source="csv")
+  w0 = fdata.Windows(s0.test, seq_len, horizon)
+  first_future = 11008 + i + seq_len  # file row of the window's first target (0-based)
+  for r in range(first_future, len(lines) - 1):
+    parts = lines[r + 1].split(",")
+    lines[r + 1] = ",".join(parts[:1] + [str(float(v) * 3 + 100) for v in parts[1:]])
+  (tmp_path / "ETTh1.csv").write_text("\n".join(lines) + "\n")
+  s1 = fdata.load_splits("etth1", data_dir=tmp_path, seq_len=seq_len, source="csv")
+  w1 = fdata.Windows(s1.test, seq_len, horizon)
+  x0, y0 = w0.batch([i])
+  x1, y1 = w1.batch([i])
+  np.testing.assert_array_equal(x0, x1)  # inputs: identical
+  assert (y1 != y0).all()  # every target value changed
+  np.testing.assert_array_equal(s0.mean, s1.mean)
+  np.testing.assert_array_equal(x0[0, -1], s0.test[i + seq_len - 1])
+  np.testing.assert_array_equal(y0[0], s0.test[i + seq_len:i + seq_len + horizon])
+
+
+def test_tfds_equals_csv(tmp_path):
+  a = fdata.load_splits("illness", seq_len=104, source="csv")
+  b = fdata.load_splits("illness", seq_len=104, source="tfds", tfds_dir=str(tmp_path))
+  assert b.source == "tfds" and (tmp_path / "structattn_forecast").is_dir()
+  for k in fdata.SPLITS:
+    np.testing.assert_array_equal(a[k], b[k])
+  np.testing.assert_array_equal(a.mean, b.mean)
+  np.testing.assert_array_equal(a.std, b.std)
+  assert a.columns == b.columns and a.borders == b.borders
+
+
+def test_vic_elec_from_package():
+  pytest.importorskip("tsdata")
+  s = fdata.load_splits("vic_elec", seq_len=512, source="csv")
+  assert s.columns == ("Demand", "Temperature")
+  assert s.borders["test"][1] == 52608 and s.train.shape == (int(0.7 * 52608), 2)
+
+
+def test_train_batches_resume_and_epochs():
+  w = fdata.Windows(np.arange(300, dtype=np.float32).reshape(100, 3), 10, 5)  # 86 windows
+  a = fdata.TrainBatches(w, 16, seed=3)
+  batches = [next(a) for _ in range(12)]  # more than two epochs
+  b = fdata.TrainBatches(w, 16, seed=3)
+  for _ in range(5):
+    next(b)
+  state = json.loads(json.dumps(b.get_state()))
+  c = fdata.TrainBatches(w, 16, seed=3)
+  c.set_state(state)
+  for k in range(5, 12):
+    np.testing.assert_array_equal(next(c)["x_BLC"], batches[k]["x_BLC"])
+  # Each epoch visits every window once.
+  starts = np.concatenate([bt["x_BLC"][:, 0, 0] for bt in batches]) / 3
+  assert sorted(starts[:86].astype(int)) == list(range(86))
+  assert not np.array_equal(next(fdata.TrainBatches(w, 16, seed=4))["x_BLC"],
+                            batches[0]["x_BLC"])
+  with pytest.raises(ValueError, match="another run"):
+    fdata.TrainBatches(w, 16, seed=5).set_state(state)
+
+
+def test_eval_batches_pad_and_mark():
+  w = fdata.Windows(np.zeros((50, 2), np.float32), 10, 5)  # 36 windows
+  bs = fdata.eval_batches(w, 16)
+  assert len(bs) == 3 and all(b["x_BLC"].shape == (16, 10, 2) for b in bs)
+  assert sum(float(b["valid_B"].sum()) for b in bs) == 36
+
+
+# --------------------------------------------------------------------------- attention
+
+
+@pytest.mark.parametrize("variant,extra", [
+    ("mlr", dict(mlr_ranks=(4, 2, 2), d_qk=8)), ("swa", dict(window=5)), ("mha", {})])
+def test_noncausal_attention_matches_oracle(variant, extra):
+  from structattn.attention import Attention, from_config
+  spec = from_config(dict(variant=variant, num_heads=2, causal=False, **extra), d_model=16,
+                     seq_len=32)
+  layer = Attention(spec, rngs=nnx.Rngs(0), zero_init_out=False)
+  x = jax.random.normal(jax.random.key(1), (2, 32, 16), jnp.float32)
+  np.testing.assert_allclose(layer(x, impl="xla"), layer(x, impl="reference"), atol=1e-5)
+  # The first position sees a key after it (non-causal) unless the window excludes it.
+  y0 = layer(x)[:, 0]
+  y1 = layer(x.at[:, 3].add(1.0))[:, 0]
+  assert float(jnp.abs(y1 - y0).max()) > 1e-4
+
+
+def test_causal_attention_config_is_rejected():
+  c = fc_configs.get_config("tiny")
+  c.attention.causal = True
+  with pytest.raises(ValueError, match=r"attention.causal=True .*allowed values are \(False,\)"):
+    tasks_lib.build(c)
+
+
+# ------------------------------------------------------------------------------ errors
+
+
+def test_missing_file(tmp_path):
+  c = fc_configs.get_config("tiny")
+  c.data.data_dir = str(tmp_path)
+  with pytest.raises(FileNotFoundError, match=r"data.dataset='etth1'.*ETTh1.csv.*data.data_dir"):
+    train_lib.train(c, str(tmp_path / "run"))
+  assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_missing_column():
+  c = fc_configs.get_config("tiny")
+  c.data.columns = ("OT", "NOPE")
+  with pytest.raises(ValueError, match=r"data.columns=.*'NOPE'.*allowed values are .*'HUFL'"):
+    tasks_lib.build(c)
+
+
+def test_horizon_longer_than_split():
+  c = fc_configs.get_config("illness-24")
+  c.data.horizon = 120
+  with pytest.raises(ValueError, match=r"data.horizon=120 .*allowed values are 1\.\.97"):
+    tasks_lib.build(c)
+  with pytest.raises(ValueError, match="data.dataset='nope' is invalid"):
+    fdata.load_splits("nope")
+
+
+# ------------------------------------------------------------------------------ configs
+
+
+def test_presets_and_sweeps():
+  c = fc_configs.get_config("etth1-336-mlr")
+  assert (c.data.seq_len, c.data.horizon, c.attention.variant) == (512, 336, "mlr")
+  assert c.attention.causal is False and c.model.patch_len == 16 and c.model.stride == 8
+  assert fc_configs.get_config("illness-60").data.seq_len == 104
+  with pytest.raises(ValueError, match="unknown preset"):
+    fc_configs.get_config("etth1-100")
+  for name in ("sweep-table-tiny", "sweep-table-paper"):
+    s = fc_configs.get_config(name)
+    flat = fc_configs._flat(s.to_dict())
+    assert s.sweep_name and len(s.sweep) >= 12
+    for point in s.sweep:
+      assert set(point) <= set(flat), set(point) - set(flat)
+  paper = fc_configs.get_config("sweep-table-paper")
+  assert len(paper.sweep) == 4 * 4 * 3 * 3
+  assert {"data.dataset": "illness", "data.horizon": 24, "attention.variant": "mlr",
+          "seed": 2}.items() <= next(p for p in paper.sweep if p.get("data.dataset") ==
+                                     "illness" and p.get("attention.variant") == "mlr" and
+                                     p["seed"] == 2).items()
+
+
+# ------------------------------------------------------------------------------ training
+
+
+def test_tiny_model_beats_repeat_last(tmp_path):
+  c = fc_configs.get_config("tiny-mlr")
+  c.data.source = "csv"
+  c.train.steps = 120
+  c.eval.every = 60
+  c.progress = False
+  result = train_lib.train(c, str(tmp_path))
+  assert result["status"] == "completed"
+  saved = json.loads((tmp_path / "result.json").read_text())
+  for key in ("test/mse", "test/mae", "final/val_mse", "params/total", "compute/paper_macs"):
+    assert key in saved, key
+  assert saved["test/windows"] == 2880 - 24 + 1
+  assert saved["test/mse"] < 0.8 * saved["baseline/test_mse_repeat_last"]
+  assert saved["test/mae"] < saved["baseline/test_mae_repeat_last"]
+  rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  assert rows[-1]["train/loss"] < rows[0]["train/loss"]
+  assert "eval/mse" in rows[-1] and rows[-1]["eval/mse_sem"] > 0
