@@ -141,3 +141,38 @@ def test_lowers_to_triton_for_cuda():
       assert txt.count("xla.gpu.triton") == n
   finally:
     gpu_info.get_gpu_info = old
+
+
+@pytest.mark.parametrize("name,rows_are_queries",
+                         [(n, r) for n in ("mlr5_fine", "mlr5_fine_noncausal", "local_only",
+                                           "sub_tile", "tall_q", "wide_k") for r in (True, False)])
+def test_tile_ranges_cover_each_pair_once(name, rows_are_queries):
+  """Far ranges hold only pairs of their level, the near range holds the rest; together
+  they visit every attended pair exactly once and stay inside [0, T)."""
+  from structattn.attention import pallas_mlr as pm
+  pat, t, kw = CASES[name]
+  bq, bk = kw.get("bq", 16), kw.get("bk", 16)
+  _, lv = pm._levels_and_length(pat, t, sum(pat.widths), 8, max(bq, bk))
+  plan = pm._Plan(lv, bq, bk)
+  rsize, csize = (bq, bk) if rows_are_queries else (bk, bq)
+  i, j = np.arange(t)[:, None], np.arange(t)[None, :]
+  same = np.stack([(i // b) == (j // b) for b in lv.sizes])  # (L, T, T) query x key
+  lam = same.sum(0) - 1  # deepest shared level (nested), -1: not even level 0
+  valid = (lam >= 0) & ((j <= i) if pat.causal else True)
+  seen = np.zeros((t, t), int)
+  for r0 in range(0, t, rsize):
+    far, near = pm._ranges(plan, jnp.int32(r0), rsize, csize, rows_are_queries)
+    for lo, hi, l in far + [(near[0], near[1], None)]:
+      lo, hi = int(lo), int(hi)
+      assert 0 <= lo and hi <= t and lo % csize == 0 and hi % csize == 0
+      if hi <= lo:
+        continue
+      if rows_are_queries:
+        block = (slice(r0, r0 + rsize), slice(lo, hi))
+      else:
+        block = (slice(lo, hi), slice(r0, r0 + rsize))
+      seen[block] += 1
+      if l is not None:  # far: one level, all pairs valid, no mask needed
+        assert (lam[block] == l).all() and valid[block].all()
+  np.testing.assert_array_equal(seen[valid], 1)
+  assert seen[~valid].max(initial=0) <= 1

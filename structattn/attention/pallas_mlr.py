@@ -68,10 +68,11 @@ class Tiles:
 
   @staticmethod
   def default(width: int) -> "Tiles":
-    """Heuristic tiles for H100 at a padded q/k/v width (64 or 128 typical)."""
-    w = 4 if width <= 64 else 8
-    return Tiles(KernelTiles(128, 64, w, 3), KernelTiles(128, 64, w, 2),
-                 KernelTiles(64, 128, 8, 2) if width <= 64 else KernelTiles(64, 64, 8, 2))
+    """Tiles for H100 at a padded q/k/v width: no register spills with Triton 3.6 (ptxas)."""
+    if width <= 64:
+      return Tiles(KernelTiles(128, 64, 4, 3), KernelTiles(128, 64, 8, 2),
+                   KernelTiles(64, 64, 8, 2))
+    return Tiles(KernelTiles(128, 64, 8, 3), KernelTiles(128, 32, 8, 2), KernelTiles(64, 64, 8, 2))
 
   def with_blocks(self, block_q: int | None, block_k: int | None) -> "Tiles":
     """Override the q/k tile sizes of every kernel."""
@@ -138,18 +139,6 @@ class _Plan:
     return max(ok, default=-1)
 
   @property
-  def groups(self) -> tuple[tuple[int, int, int], ...]:
-    """Runs (first level, last level, width) of consecutive coarse levels of equal width."""
-    out = []
-    for l in range(self.g + 1):
-      w = self.lv.width(l)
-      if out and out[-1][2] == w:
-        out[-1] = (out[-1][0], l, w)
-      else:
-        out.append((l, l, w))
-    return tuple(out)
-
-  @property
   def segments(self) -> tuple[tuple[int, int, int], ...]:
     """Near-tile feature segments (level, first col, end col): [0, P_g) then each fine level."""
     lv, g = self.lv, self.g
@@ -180,8 +169,9 @@ def _ceil(x, n: int):
 
 
 def _ranges(plan: _Plan, r0, rsize: int, csize: int, rows_are_queries: bool):
-  """Column ranges seen by the row tile [r0, r0+rsize): far ranges (lo, hi, la, lb, w) of
-  coarse level runs, and the near range (lo, hi), all multiples of the column tile."""
+  """Column ranges seen by the row tile [r0, r0+rsize): far ranges (lo, hi, l) where every
+  pair's deepest shared level is the coarse level l, and the near range (lo, hi); all
+  multiples of the column tile."""
   lv, g = plan.lv, plan.g
   a = [_floor(r0, lv.sizes[l]) for l in range(g + 1)]  # start of the row tile's block
   r = [a[l] + lv.sizes[l] for l in range(g + 1)]  # its end
@@ -198,29 +188,23 @@ def _ranges(plan: _Plan, r0, rsize: int, csize: int, rows_are_queries: bool):
     near = (lo, hi)
   far = []
   if rows_are_queries or not lv.causal:  # columns before the row tile
-    for la, lb, w in plan.groups:
-      far.append((a[la], a[lb + 1] if lb < g else near[0], la, lb, w))
+    far += [(a[l], a[l + 1] if l < g else near[0], l) for l in range(g + 1)]
   if not rows_are_queries or not lv.causal:  # columns after it
-    for la, lb, w in reversed(plan.groups):
-      far.append((r[lb + 1] if lb < g else near[1], r[la], la, lb, w))
+    far += [(r[l + 1] if l < g else near[1], r[l], l) for l in reversed(range(g + 1))]
   return far, near
 
 
-def _tile_level(plan: _Plan, la: int, lb: int, q0, k0):
-  """Deepest level of a far tile pair in the run la..lb, its 1/divisor and prefix width."""
-  lv = plan.lv
-  lam, plim = jnp.int32(la), jnp.int32(lv.prefix[la])
-  for l in range(la + 1, lb + 1):
-    same = _idiv(q0, lv.sizes[l]) == _idiv(k0, lv.sizes[l])
-    lam = lam + same.astype(jnp.int32)
-    plim = plim + same.astype(jnp.int32) * (lv.prefix[l] - lv.prefix[l - 1])
-  if la == lb:
-    return lam, lv.mult(la), lv.prefix[la]
-  if lv.divide == "block":
-    mult = 1.0 / (lam + 1).astype(jnp.float32)
-  else:
-    mult = lv.mult(la)
-  return lam, mult, plim
+def _loop(lo, hi, tile: int, body, carry):
+  return lax.fori_loop(_idiv(lo, tile), _idiv(hi, tile), body, carry)
+
+
+def _level_bands(lv: Levels, l: int):
+  """Gradient bands touched by level l's prefix [0, P_l): the fully covered ones and the
+  one cut by P_l (or None)."""
+  p = lv.prefix[l]
+  full = [n for n, (c0, wb) in enumerate(lv.bands) if c0 + wb <= p]
+  cut = [n for n, (c0, wb) in enumerate(lv.bands) if c0 < p < c0 + wb]
+  return full, (cut[0] if cut else None)
 
 
 def _mask_cols(x, c0: int, lo: int, hi, hi_min: int | None = None):
@@ -237,6 +221,15 @@ def _mask_cols(x, c0: int, lo: int, hi, hi_min: int | None = None):
   if need_lo:
     keep = (col >= lo) if keep is None else keep & (col >= lo)
   return jnp.where(keep[None, :], x, jnp.zeros((), x.dtype))
+
+
+def _load_cols(ref, rows, c0: int, wb: int, hi: int):
+  """ref[rows, c0:c0+wb] with the columns >= hi read as zeros (masked load: the tile can go
+  straight to shared memory as a dot operand)."""
+  if hi >= c0 + wb:
+    return ref[rows, pl.ds(c0, wb)]
+  keep = (c0 + _iota(wb) < hi)[None, :]
+  return plgpu.load(ref.at[rows, pl.ds(c0, wb)], mask=keep, other=0.0)
 
 
 def _same(qpos, kpos, size: int):
@@ -281,8 +274,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, *, plan: _Plan, nq: int):
   pid = pl.program_id(0)
   q0 = ((nq - 1 - pid) if lv.causal else pid) * bq  # causal: longest rows first
   qpos = q0 + _iota(bq)
-  widths = sorted({w for _, _, w in plan.groups} | {lv.width(l) for l, _, _ in plan.segments})
-  qw = {w: q_ref[:, pl.ds(0, w)] for w in widths}
+  qw = {w: q_ref[:, pl.ds(0, w)] for w in {lv.width(l) for l, _, _ in plan.segments}}
 
   def step(s, k0, carry):
     o, m, l = carry
@@ -293,12 +285,13 @@ def _fwd_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, *, plan: _Plan, nq: int):
     o = o * alpha[:, None] + _dot(p.astype(v.dtype), v)
     return o, m_new, l * alpha + jnp.sum(p, axis=1)
 
-  def far_body(la, lb, w):
+  def far_body(l):
+    w, scale = lv.width(l), lv.mult(l) * LOG2E
+    ql = _load_cols(q_ref, slice(None), 0, w, lv.prefix[l])  # loop-invariant prefix
+
     def body(j, carry):
       k0 = j * bk
-      _, mult, plim = _tile_level(plan, la, lb, q0, k0)
-      k = _mask_cols(k_ref[pl.ds(k0, bk), pl.ds(0, w)], 0, 0, plim, lv.prefix[la])
-      s = _dot(qw[w], k.T) * (mult * LOG2E)
+      s = _dot(ql, k_ref[pl.ds(k0, bk), pl.ds(0, w)].T) * scale
       return step(s, k0, carry)
     return body
 
@@ -320,12 +313,12 @@ def _fwd_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, *, plan: _Plan, nq: int):
   carry = (jnp.zeros((bq, lv.wv), jnp.float32), jnp.full((bq,), -jnp.inf, jnp.float32),
            jnp.zeros((bq,), jnp.float32))
   far, (n_lo, n_hi) = _ranges(plan, q0, bq, bk, True)
-  n_left = len(far) if lv.causal else len(plan.groups)
-  for lo, hi, la, lb, w in far[:n_left]:
-    carry = lax.fori_loop(_idiv(lo, bk), _idiv(hi, bk), far_body(la, lb, w), carry)
-  carry = lax.fori_loop(_idiv(n_lo, bk), _idiv(n_hi, bk), near_body, carry)
-  for lo, hi, la, lb, w in far[n_left:]:
-    carry = lax.fori_loop(_idiv(lo, bk), _idiv(hi, bk), far_body(la, lb, w), carry)
+  n_left = len(far) if lv.causal else plan.g + 1
+  for lo, hi, l in far[:n_left]:
+    carry = _loop(lo, hi, bk, far_body(l), carry)
+  carry = _loop(n_lo, n_hi, bk, near_body, carry)
+  for lo, hi, l in far[n_left:]:
+    carry = _loop(lo, hi, bk, far_body(l), carry)
   o, m, l = carry
   o_ref[...] = (o / l[:, None]).astype(o_ref.dtype)
   lse_ref[...] = m + jnp.log2(l)  # base 2
@@ -359,16 +352,88 @@ def _forward(q, k, v, cfg: "_Config"):
 # ------------------------------------------------------------------------------ backward
 
 
-def _band_loads(ref, rows, bands, w_hi: int, lo: int, hi, hi_min=None):
-  """Bands inside [0, w_hi) of ref[rows], columns outside [lo, hi) zeroed; None for bands
-  that are statically empty."""
-  out = []
-  for c0, wb in bands:
-    if c0 >= w_hi or (isinstance(hi, int) and hi <= c0):
-      out.append(None)
-      continue
-    out.append(_mask_cols(ref[rows, pl.ds(c0, wb)], c0, lo, hi, hi_min))
-  return out
+def _far_grad_body(lv: Levels, l: int, rows_fixed, ref, tile: int, grads):
+  """Loop body over the column tiles of a far range of level l (dq or dk kernel).
+
+  rows_fixed: bands of the program's own rows (q for dq, k for dk/dv), loaded masked to
+  the prefix P_l; ref: the other operand, loaded per tile; grads(s, c0, extra) -> (ds,
+  extra).  Carry (extra, accs, cut): the band accumulators of the program's gradient and
+  a temporary for the band cut by P_l (masked once, after the loop)."""
+  full, cut = _level_bands(lv, l)
+  scale, mult = lv.mult(l) * LOG2E, lv.mult(l)
+  used = full + ([cut] if cut is not None else [])
+
+  def body(j, carry):
+    extra, accs, tmp = carry
+    c0 = j * tile
+    other = {n: ref[pl.ds(c0, tile), pl.ds(*lv.bands[n])] for n in used}
+    s = None
+    for n in used:
+      d = _dot(rows_fixed[n], other[n].T)
+      s = d if s is None else s + d
+    ds, extra = grads(s * scale, c0, extra)
+    ds = (ds * mult).astype(ref.dtype)
+    accs = tuple(a + _dot(ds, other[n]) if n in full else a for n, a in enumerate(accs))
+    if cut is not None:
+      tmp = tmp + _dot(ds, other[cut])
+    return extra, accs, tmp
+  return body
+
+
+def _far_grad_loop(lv: Levels, l: int, lo, hi, tile: int, rows_ref, ref, grads, extra, accs):
+  """Run one far range of level l; add the cut band's masked temporary at the end."""
+  full, cut = _level_bands(lv, l)
+  p = lv.prefix[l]
+  fixed = {n: _load_cols(rows_ref, slice(None), *lv.bands[n], p)
+           for n in full + ([cut] if cut is not None else [])}
+  tmp = jnp.zeros((accs[0].shape[0], lv.bands[cut][1]), jnp.float32) if cut is not None else ()
+  body = _far_grad_body(lv, l, fixed, ref, tile, grads)
+  extra, accs, tmp = _loop(lo, hi, tile, body, (extra, accs, tmp))
+  if cut is not None:
+    accs = list(accs)
+    accs[cut] = accs[cut] + _mask_cols(tmp, lv.bands[cut][0], 0, p)
+    accs = tuple(accs)
+  return extra, accs
+
+
+def _near_grad(plan: _Plan, qpos, kpos, qb, kb, grads, transpose: bool):
+  """Near tile: scores per pair, then the gradient of the program's operand per band.
+
+  qb, kb: all bands of the q and k tiles.  transpose=False: dq (rows = queries, the
+  contribution is G . k); True: dk (G^T . q).  Returns (per-band contributions, extra)."""
+  lv, bands = plan.lv, plan.lv.bands
+
+  def seg_band(x, i, n):
+    _, c_lo, c_hi = plan.segments[i]
+    c0, wb = bands[n]
+    if c_hi <= c0 or c_lo >= c0 + wb:
+      return None
+    return _mask_cols(x[n], c0, c_lo, c_hi)
+
+  def seg_dot(i):
+    s = None
+    for n in range(len(bands)):
+      kk = seg_band(kb, i, n)
+      if kk is not None:
+        d = _dot(qb[n], kk.T)
+        s = d if s is None else s + d
+    return s
+
+  s, mult, sames = _near_scores(plan, qpos, kpos, seg_dot)
+  ds, extra = grads(s)
+  dsm = ds * mult
+  other = qb if transpose else kb
+  out = [None] * len(bands)
+  for i, same in enumerate(sames):  # columns of segment i get the pairs with λ >= its level
+    gi = (dsm if same is None else jnp.where(same, dsm, 0.0)).astype(other[0].dtype)
+    if transpose:
+      gi = gi.T
+    for n in range(len(bands)):
+      x = seg_band(other, i, n)
+      if x is not None:
+        d = _dot(gi, x)
+        out[n] = d if out[n] is None else out[n] + d
+  return out, extra
 
 
 def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *, plan: _Plan,
@@ -378,68 +443,27 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *, plan:
   pid = pl.program_id(0)
   q0 = ((nq - 1 - pid) if lv.causal else pid) * bq
   qpos = q0 + _iota(bq)
-  qb = [q_ref[:, pl.ds(c0, wb)] for c0, wb in bands]
   do = do_ref[...]
   lse = lse_ref[...]
   delta = delta_ref[...]
 
-  def grads(s, k0):
+  def grads(s, k0, extra):
     v = v_ref[pl.ds(k0, bk), :]
     p = jnp.exp2(s - lse[:, None])
-    dp = _dot(do, v.T)
-    return p * (dp - delta[:, None])
-
-  def far_body(la, lb, w):
-    def body(j, accs):
-      k0 = j * bk
-      _, mult, plim = _tile_level(plan, la, lb, q0, k0)
-      kb = _band_loads(k_ref, pl.ds(k0, bk), bands, w, 0, plim, lv.prefix[la])
-      s = None
-      for qq, kk in zip(qb, kb):
-        if kk is not None:
-          d = _dot(qq, kk.T)
-          s = d if s is None else s + d
-      ds = (grads(s * (mult * LOG2E), k0) * mult).astype(k_ref.dtype)
-      return tuple(a if kk is None else a + _dot(ds, kk) for a, kk in zip(accs, kb))
-    return body
+    return p * (_dot(do, v.T) - delta[:, None]), extra
 
   def near_body(j, accs):
     k0 = j * bk
-    kpos = k0 + _iota(bk)
     kb = [k_ref[pl.ds(k0, bk), pl.ds(c0, wb)] for c0, wb in bands]
-
-    def seg_band(i, n):
-      _, c_lo, c_hi = plan.segments[i]
-      c0, wb = bands[n]
-      if c_hi <= c0 or c_lo >= c0 + wb:
-        return None
-      return _mask_cols(kb[n], c0, c_lo, c_hi)
-
-    def seg_dot(i):
-      s = None
-      for n in range(len(bands)):
-        kk = seg_band(i, n)
-        if kk is not None:
-          d = _dot(qb[n], kk.T)
-          s = d if s is None else s + d
-      return s
-
-    s, mult, sames = _near_scores(plan, qpos, kpos, seg_dot)
-    dsm = grads(s, k0) * mult
-    accs = list(accs)
-    for i, same in enumerate(sames):  # columns of segment i get pairs with λ >= its level
-      gi = (dsm if same is None else jnp.where(same, dsm, 0.0)).astype(k_ref.dtype)
-      for n in range(len(bands)):
-        kk = seg_band(i, n)
-        if kk is not None:
-          accs[n] = accs[n] + _dot(gi, kk)
-    return tuple(accs)
+    qb = [q_ref[:, pl.ds(c0, wb)] for c0, wb in bands]
+    out, _ = _near_grad(plan, qpos, k0 + _iota(bk), qb, kb, lambda s: grads(s, k0, ()), False)
+    return tuple(a if d is None else a + d for a, d in zip(accs, out))
 
   accs = tuple(jnp.zeros((bq, wb), jnp.float32) for _, wb in bands)
   far, (n_lo, n_hi) = _ranges(plan, q0, bq, bk, True)
-  for lo, hi, la, lb, w in far:
-    accs = lax.fori_loop(_idiv(lo, bk), _idiv(hi, bk), far_body(la, lb, w), accs)
-  accs = lax.fori_loop(_idiv(n_lo, bk), _idiv(n_hi, bk), near_body, accs)
+  for lo, hi, l in far:
+    _, accs = _far_grad_loop(lv, l, lo, hi, bk, q_ref, k_ref, grads, (), accs)
+  accs = _loop(n_lo, n_hi, bk, near_body, accs)
   for (c0, wb), a in zip(bands, accs):
     dq_ref[:, pl.ds(c0, wb)] = a.astype(dq_ref.dtype)
 
@@ -450,74 +474,37 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref
   bands = lv.bands
   k0 = pl.program_id(0) * bk
   kpos = k0 + _iota(bk)
-  kb = [k_ref[:, pl.ds(c0, wb)] for c0, wb in bands]
   v = v_ref[...]
 
-  def grads(s, q0, carry_dv):
+  def grads_t(sT, q0, dv):
+    """sT: (k, q) scores of the key tile against queries q0..q0+bq."""
+    rows = pl.ds(q0, bq)
+    pT = jnp.exp2(sT - lse_ref[rows][None, :])
+    do = do_ref[rows, :]
+    dv = dv + _dot(pT.astype(do.dtype), do)
+    return pT * (_dot(v, do.T) - delta_ref[rows][None, :]), dv
+
+  def grads(s, q0, dv):
     rows = pl.ds(q0, bq)
     p = jnp.exp2(s - lse_ref[rows][:, None])
     do = do_ref[rows, :]
-    dv = carry_dv + _dot(p.astype(do.dtype).T, do)
-    dp = _dot(do, v.T)
-    return p * (dp - delta_ref[rows][:, None]), dv
-
-  def far_body(la, lb, w):
-    def body(i, carry):
-      dv, dks = carry
-      q0 = i * bq
-      _, mult, plim = _tile_level(plan, la, lb, q0, k0)
-      qb = _band_loads(q_ref, pl.ds(q0, bq), bands, w, 0, plim, lv.prefix[la])
-      s = None
-      for qq, kk in zip(qb, kb):
-        if qq is not None:
-          d = _dot(qq, kk.T)
-          s = d if s is None else s + d
-      ds, dv = grads(s * (mult * LOG2E), q0, dv)
-      dsT = (ds * mult).astype(q_ref.dtype).T
-      return dv, tuple(a if qq is None else a + _dot(dsT, qq) for a, qq in zip(dks, qb))
-    return body
+    dv = dv + _dot(p.astype(do.dtype).T, do)
+    return p * (_dot(do, v.T) - delta_ref[rows][:, None]), dv
 
   def near_body(i, carry):
     dv, dks = carry
     q0 = i * bq
-    qpos = q0 + _iota(bq)
     qb = [q_ref[pl.ds(q0, bq), pl.ds(c0, wb)] for c0, wb in bands]
+    kb = [k_ref[:, pl.ds(c0, wb)] for c0, wb in bands]
+    out, dv = _near_grad(plan, q0 + _iota(bq), kpos, qb, kb, lambda s: grads(s, q0, dv), True)
+    return dv, tuple(a if d is None else a + d for a, d in zip(dks, out))
 
-    def seg_band(m, n):
-      _, c_lo, c_hi = plan.segments[m]
-      c0, wb = bands[n]
-      if c_hi <= c0 or c_lo >= c0 + wb:
-        return None
-      return _mask_cols(qb[n], c0, c_lo, c_hi)
-
-    def seg_dot(m):
-      s = None
-      for n in range(len(bands)):
-        qq = seg_band(m, n)
-        if qq is not None:
-          d = _dot(qq, kb[n].T)
-          s = d if s is None else s + d
-      return s
-
-    s, mult, sames = _near_scores(plan, qpos, kpos, seg_dot)
-    ds, dv = grads(s, q0, dv)
-    dsm = ds * mult
-    dks = list(dks)
-    for m, same in enumerate(sames):
-      gT = (dsm if same is None else jnp.where(same, dsm, 0.0)).astype(q_ref.dtype).T
-      for n in range(len(bands)):
-        qq = seg_band(m, n)
-        if qq is not None:
-          dks[n] = dks[n] + _dot(gT, qq)
-    return dv, tuple(dks)
-
-  carry = (jnp.zeros((bk, lv.wv), jnp.float32),
-           tuple(jnp.zeros((bk, wb), jnp.float32) for _, wb in bands))
+  dv = jnp.zeros((bk, lv.wv), jnp.float32)
+  dks = tuple(jnp.zeros((bk, wb), jnp.float32) for _, wb in bands)
   far, (n_lo, n_hi) = _ranges(plan, k0, bk, bq, False)
-  carry = lax.fori_loop(_idiv(n_lo, bq), _idiv(n_hi, bq), near_body, carry)
-  for lo, hi, la, lb, w in far:
-    carry = lax.fori_loop(_idiv(lo, bq), _idiv(hi, bq), far_body(la, lb, w), carry)
-  dv, dks = carry
+  dv, dks = _loop(n_lo, n_hi, bq, near_body, (dv, dks))
+  for lo, hi, l in far:  # rows = keys: scores are computed transposed, (k, q)
+    dv, dks = _far_grad_loop(lv, l, lo, hi, bq, k_ref, q_ref, grads_t, dv, dks)
   dv_ref[...] = dv.astype(dv_ref.dtype)
   for (c0, wb), a in zip(bands, dks):
     dk_ref[:, pl.ds(c0, wb)] = a.astype(dk_ref.dtype)
