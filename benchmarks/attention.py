@@ -342,6 +342,200 @@ def header(args) -> dict:
               argv=sys.argv, config=vars(args))
 
 
+# ------------------------------------------------------------------- fused Pallas kernel
+#
+#   python benchmarks/attention.py --pallas [--seq-lens ...] [--deadline-s 230]
+#
+# Issue 9: the fused Pallas-Triton MLR kernel (structattn.attention.pallas_mlr) against
+# cuDNN dense attention at the same head dim and the XLA MLR core, in one table, after a
+# bf16 accuracy check (float32 masked-dense oracle on the same bf16-rounded inputs) and a
+# small tile search at T=4096.  Rows are written to --out as they finish, so a run cut off
+# by its time limit keeps what it measured; --deadline-s stops starting new steps.
+
+PALLAS_CASES = {  # name: (config, heads, d_head, impl)
+    "dense_cudnn_d64": (_mha(64), 12, 64, "cudnn"),
+    "mlr8_pallas_d64": (_mlr(64, MLR8), 12, 64, "pallas"),
+    "mlr8_xla_d64": (_mlr(64, MLR8), 12, 64, "xla"),
+    "dense_pallas_d64": (_mha(64), 12, 64, "pallas"),
+    "dense_cudnn_d128": (_mha(128), 6, 128, "cudnn"),
+    "mlr4_pallas_d128": (_mlr(128, MLR4_D128), 6, 128, "pallas"),
+    "mlr4_xla_d128": (_mlr(128, MLR4_D128), 6, 128, "xla"),
+    "dense_pallas_d128": (_mha(128), 6, 128, "pallas"),
+}
+
+
+def _pallas_tile_candidates(d_head: int):
+  from structattn.attention.pallas_mlr import KernelTiles as KT, Tiles
+  if d_head <= 64:
+    return [Tiles.default(64), Tiles(KT(128, 128, 8, 3), KT(128, 64, 8, 2), KT(32, 128, 8, 2)),
+            Tiles(KT(128, 64, 8, 3), KT(128, 64, 8, 3), KT(64, 64, 8, 3))]
+  return [Tiles.default(128), Tiles(KT(128, 64, 8, 2), KT(64, 64, 8, 3), KT(64, 64, 8, 3)),
+          Tiles(KT(64, 64, 4, 3), KT(128, 32, 8, 2), KT(64, 64, 8, 2))]
+
+
+def pallas_fn(pattern, impl: str, tiles=None, interpret: bool = False):
+  if impl == "pallas":
+    from structattn.attention.pallas_mlr import mlr_attention_pallas
+    return lambda q, k, v: mlr_attention_pallas(q, k, v, pattern, tiles=tiles, interpret=interpret)
+  return lambda q, k, v: core.attention(q, k, v, pattern, impl)
+
+
+def _pallas_inputs(spec, b, t, dtype, seed=0):
+  kq, kk, kv = jax.random.split(jax.random.key(seed), 3)
+  h, dk, dv = spec.num_heads, spec.d_qk, spec.d_head
+  return (normal(kq, (b, t, h, dk), dtype, 1 / math.sqrt(dk)), normal(kk, (b, t, h, dk), dtype),
+          normal(kv, (b, t, h, dv), dtype))
+
+
+def pallas_accuracy(name: str, cfg, t: int, b: int = 1, heads: int = 2, causal: bool = True,
+                    interpret: bool = False):
+  """Relative max-abs error (bf16 kernel vs float32 oracle) of the output and q/k/v grads."""
+  spec = from_config(dict(cfg, num_heads=heads, causal=causal), heads * dict(cfg)["d_head"], t)
+  pattern = pattern_of(spec)
+  args = _pallas_inputs(spec, b, t, jnp.bfloat16, seed=1)
+  w = jax.random.normal(jax.random.key(2), args[2].shape, jnp.float32)
+
+  def out_and_grads(fn, *a):
+    out, vjp = jax.vjp(fn, *a)
+    return (out,) + vjp(w.astype(out.dtype))
+
+  got = jax.jit(lambda *a: out_and_grads(pallas_fn(pattern, "pallas", None, interpret), *a))(*args)
+  ref = jax.jit(lambda *a: out_and_grads(pallas_fn(pattern, "reference"), *a))(
+      *(x.astype(jnp.float32) for x in args))
+  errs = {n: float(jnp.abs(g.astype(jnp.float32) - r).max() / jnp.abs(r).max())
+          for n, g, r in zip(("out", "dq", "dk", "dv"), got, ref)}
+  return dict(case=name, T=t, causal=causal, levels=len(spec.levels), rel_err=errs,
+              max_rel_err=max(errs.values()), ok=max(errs.values()) < 1e-2)
+
+
+def pallas_row(name: str, t: int, args, tiles=None) -> dict:
+  cfg, heads, d, impl = PALLAS_CASES[name]
+  b = max(1, args.tokens // t)
+  row = dict(case=name, T=t, B=b, H=heads, d_head=d, impl=impl, dtype=args.dtype)
+  try:
+    spec = from_config(dict(cfg, num_heads=heads), heads * d, t)
+  except ValueError as e:
+    return dict(row, skipped=f"invalid at this T: {e}")
+  pattern = pattern_of(spec)
+  row.update(flops_fwd=flops.kernel_flops(b, heads, t, d, causal=True),
+             flops_fwdbwd=flops.kernel_flops(b, heads, t, d, causal=True, backward=True))
+  if impl == "pallas":
+    from structattn.attention.pallas_mlr import Tiles
+    tiles = tiles or Tiles.default(d)
+    row["tiles"] = dataclasses.asdict(tiles)
+  t0 = time.perf_counter()
+  try:
+    inputs = _pallas_inputs(spec, b, t, jnp.dtype(args.dtype))
+    fwd = pallas_fn(pattern, impl, tiles, args.pallas_interpret)
+    loss = lambda q, k, v: jnp.sum(fwd(q, k, v).astype(jnp.float32))
+    for tag, fn in (("fwd", fwd), ("fwdbwd", jax.value_and_grad(loss, argnums=(0, 1, 2)))):
+      exe, secs, mib = compile_fn(fn, inputs)
+      row[f"compile_s_{tag}"] = round(secs, 3)
+      row[f"temp_MiB_{tag}"] = mib
+      row[f"{tag}_ms"] = median_ms(exe, inputs, args.iters)
+      row[f"tflops_{tag}"] = row[f"flops_{tag}"] / (row[f"{tag}_ms"] * 1e-3) / 1e12
+      del exe
+  except Exception as e:  # OOM, unsupported configurations, compile failures
+    row["error"] = short_error(e)
+  row["temp_MiB"] = row.get("temp_MiB_fwdbwd")
+  row["wall_s"] = round(time.perf_counter() - t0, 2)
+  return row
+
+
+def pallas_ratios(rows):
+  base = {(r["d_head"], r["T"]): r for r in rows if r["impl"] == "cudnn" and r.get("fwdbwd_ms")}
+  for r in rows:
+    b = base.get((r["d_head"], r["T"]))
+    if b and r.get("fwdbwd_ms"):
+      r["x_vs_cudnn"] = r["fwdbwd_ms"] / b["fwdbwd_ms"]
+      r["fwd_x_vs_cudnn"] = r["fwd_ms"] / b["fwd_ms"]
+
+
+def pallas_table(rows) -> str:
+  cols = ["case", "T", "B", "fwd_ms", "fwdbwd_ms", "temp_MiB", "TFLOP/s", "fwd_x", "x_vs_cudnn",
+          "note"]
+  lines = [cols]
+  for r in sorted(rows, key=lambda r: (r["d_head"], r["T"], r["case"])):
+    lines.append([r["case"], str(r["T"]), str(r["B"]), fmt(r.get("fwd_ms"), ".2f"),
+                  fmt(r.get("fwdbwd_ms"), ".2f"), fmt(r.get("temp_MiB"), ".0f"),
+                  fmt(r.get("tflops_fwdbwd"), ".3g"), fmt(r.get("fwd_x_vs_cudnn"), ".2f"),
+                  fmt(r.get("x_vs_cudnn"), ".2f"), (r.get("skipped") or r.get("error") or "")[:90]])
+  widths = [max(len(l[i]) for l in lines) for i in range(len(cols))]
+  return "\n".join("  ".join(c.ljust(w) for c, w in zip(l, widths)).rstrip() for l in lines)
+
+
+def pallas_main(args) -> None:
+  """Accuracy check, tile search at T=4096, then the timing table (see the section note)."""
+  start = time.perf_counter()
+  late = lambda: args.deadline_s and time.perf_counter() - start > args.deadline_s
+  out = Path(args.out)
+  out.parent.mkdir(parents=True, exist_ok=True)
+  result = dict(header=header(args), accuracy=[], tuning=[], rows=[])
+
+  def save():
+    pallas_ratios(result["rows"])
+    result["elapsed_s"] = round(time.perf_counter() - start, 1)
+    out.write_text(json.dumps(result, indent=1) + "\n")
+
+  def log(msg):
+    print(f"[{time.perf_counter() - start:6.1f}s] {msg}", file=sys.stderr, flush=True)
+
+  checks = [("mlr8_d64", _mlr(64, MLR8), 1024, True),
+            ("mlr4_d128", _mlr(128, MLR4_D128), 1024, True),
+            ("mlr3_d64_noncausal", (("variant", "mlr"), ("d_head", 64), ("mlr_ranks", (32, 16, 16)),
+                                    ("mlr_block_sizes", (0, 256, 16)), ("mlr_divide", "block")),
+             512, False)]
+  if not args.skip_check:
+    for name, cfg, t, causal in checks:
+      try:
+        acc = pallas_accuracy(name, dict(cfg), t, causal=causal, interpret=args.pallas_interpret)
+      except Exception as e:
+        acc = dict(case=name, T=t, causal=causal, error=short_error(e), ok=False)
+      result["accuracy"].append(acc)
+      log(f"accuracy {acc}")
+      save()
+  best = {}
+  if args.tune_t and not late():
+    for name, d in (("mlr8_pallas_d64", 64), ("mlr4_pallas_d128", 128)):
+      cands = []
+      for i, tiles in enumerate(_pallas_tile_candidates(d)):
+        if late():
+          break
+        row = dict(pallas_row(name, args.tune_t, args, tiles), candidate=i)
+        result["tuning"].append(row)
+        cands.append((row, tiles))
+        log(f"tune {name} #{i}: fwd {row.get('fwd_ms')} fwd+bwd {row.get('fwdbwd_ms')} "
+            f"{row.get('error', '')}")
+        save()
+      ok = [(r, tl) for r, tl in cands if r.get("fwdbwd_ms")]
+      if ok:  # best forward tiles and best backward tiles (fwd+bwd minus fwd)
+        f = min(ok, key=lambda c: c[0]["fwd_ms"])[1]
+        b = min(ok, key=lambda c: c[0]["fwdbwd_ms"] - c[0]["fwd_ms"])[1]
+        best[name] = dataclasses.replace(b, fwd=f.fwd)
+  order = [(t, n) for t in args.seq_lens for n in ("dense_cudnn_d64", "mlr8_pallas_d64",
+                                                   "dense_cudnn_d128", "mlr4_pallas_d128")]
+  extra = [(t, n) for t in args.seq_lens[:2] for n in ("mlr8_xla_d64", "mlr4_xla_d128")]
+  extra += [(t, n) for t in args.seq_lens[:2] for n in ("dense_pallas_d64", "dense_pallas_d128")]
+  extra += [(t, n) for t in args.seq_lens[2:] for n in ("mlr8_xla_d64", "mlr4_xla_d128")]
+  for t, name in order + extra:
+    if late():
+      log(f"deadline: stopping before {name} T={t}")
+      break
+    row = pallas_row(name, t, args, best.get(name))
+    result["rows"].append(row)
+    log(f"{name} T={t}: fwd {fmt(row.get('fwd_ms'), '.2f')} ms, fwd+bwd "
+        f"{fmt(row.get('fwdbwd_ms'), '.2f')} ms {row.get('error', row.get('skipped', ''))}")
+    save()
+  save()
+  h = result["header"]
+  print(f"\n{h['device_kind']} ({h['backend']}), jax {h['jax']}, dtype {args.dtype}, "
+        f"B*T={args.tokens}, median of {args.iters}; x = time / cuDNN time at the same head dim")
+  for acc in result["accuracy"]:
+    print(f"accuracy {acc['case']} T={acc['T']}: {acc.get('rel_err', acc.get('error'))}")
+  print(pallas_table(result["rows"]))
+  print(f"wrote {out}")
+
+
 # ----------------------------------------------------------------------------------- main
 
 
@@ -364,6 +558,14 @@ def parse_args(argv=None):
   p.add_argument("--masked-max-t", type=int, default=MASKED_MAX_T,
                  help="skip the masked-dense (impl='reference') case above this T")
   p.add_argument("--d-model", type=int, default=768, help="layer mode width (heads of 64)")
+  p.add_argument("--pallas", action="store_true",
+                 help="issue 9: fused Pallas MLR kernel vs cuDNN and XLA MLR (see pallas_main)")
+  p.add_argument("--deadline-s", type=float, default=None,
+                 help="--pallas: start no new step after this many seconds")
+  p.add_argument("--tune-t", type=int, default=4096, help="--pallas: T of the tile search (0: off)")
+  p.add_argument("--skip-check", action="store_true", help="--pallas: skip the accuracy check")
+  p.add_argument("--pallas-interpret", action="store_true",
+                 help="--pallas: Pallas interpreter (CPU dry run of the script)")
   p.add_argument("--out", default=None,
                  help="JSON path (default benchmarks/results/attention[-layer]-<backend>.json)")
   args = p.parse_args(argv)
@@ -377,6 +579,7 @@ def parse_args(argv=None):
     p.error(f"--d-model={args.d_model} must be a multiple of the head width 64")
   if args.out is None:
     stem = "attention-layer" if args.mode == "layer" else "attention"
+    stem = "attention-pallas" if args.pallas else stem
     args.out = str(Path(__file__).resolve().parent / "results"
                    / f"{stem}-{jax.default_backend()}.json")
   return args
@@ -384,6 +587,8 @@ def parse_args(argv=None):
 
 def main(argv=None) -> None:
   args = parse_args(argv)
+  if args.pallas:
+    return pallas_main(args)
   cases = {c.name: c for c in (LAYER_CASES if args.mode == "layer" else CORE_CASES)}
   selected = [cases[v] for v in args.variants]
   rows = []
