@@ -514,9 +514,12 @@ def pallas_main(args) -> None:
         best[name] = dataclasses.replace(b, fwd=f.fwd)
   order = [(t, n) for t in args.seq_lens for n in ("dense_cudnn_d64", "mlr8_pallas_d64",
                                                    "dense_cudnn_d128", "mlr4_pallas_d128")]
-  extra = [(t, n) for t in args.seq_lens[:2] for n in ("mlr8_xla_d64", "mlr4_xla_d128")]
-  extra += [(t, n) for t in args.seq_lens[:2] for n in ("dense_pallas_d64", "dense_pallas_d128")]
-  extra += [(t, n) for t in args.seq_lens[2:] for n in ("mlr8_xla_d64", "mlr4_xla_d128")]
+  if args.extra_rows is not None:  # "case@T,case@T"
+    extra = [(int(e.split("@")[1]), e.split("@")[0]) for e in args.extra_rows.split(",") if e]
+  else:
+    extra = [(t, n) for t in args.seq_lens[:2] for n in ("mlr8_xla_d64", "mlr4_xla_d128")]
+    extra += [(t, n) for t in args.seq_lens[:2] for n in ("dense_pallas_d64", "dense_pallas_d128")]
+    extra += [(t, n) for t in args.seq_lens[2:] for n in ("mlr8_xla_d64", "mlr4_xla_d128")]
   for t, name in order + extra:
     if late():
       log(f"deadline: stopping before {name} T={t}")
@@ -564,6 +567,9 @@ def parse_args(argv=None):
                  help="--pallas: start no new step after this many seconds")
   p.add_argument("--tune-t", type=int, default=4096, help="--pallas: T of the tile search (0: off)")
   p.add_argument("--skip-check", action="store_true", help="--pallas: skip the accuracy check")
+  p.add_argument("--extra-rows", default=None,
+                 help="--pallas: rows after the main ones, 'case@T,...' (default: XLA MLR and "
+                 "Pallas dense at the first two --seq-lens, then XLA MLR at the others)")
   p.add_argument("--pallas-interpret", action="store_true",
                  help="--pallas: Pallas interpreter (CPU dry run of the script)")
   p.add_argument("--out", default=None,

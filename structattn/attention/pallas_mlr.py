@@ -68,11 +68,12 @@ class Tiles:
 
   @staticmethod
   def default(width: int) -> "Tiles":
-    """Tiles for H100 at a padded q/k/v width: no register spills with Triton 3.6 (ptxas)."""
+    """Tiles for H100 at a padded q/k/v width, the best of a small search at T=4096
+    (benchmarks/attention.py --pallas); none spills registers (Triton 3.6, ptxas)."""
     if width <= 64:
-      return Tiles(KernelTiles(128, 64, 4, 3), KernelTiles(128, 64, 8, 2),
-                   KernelTiles(64, 64, 8, 2))
-    return Tiles(KernelTiles(128, 64, 8, 3), KernelTiles(128, 32, 8, 2), KernelTiles(64, 64, 8, 2))
+      return Tiles(KernelTiles(128, 64, 4, 3), KernelTiles(128, 64, 8, 3),
+                   KernelTiles(64, 64, 8, 3))
+    return Tiles(KernelTiles(64, 64, 4, 3), KernelTiles(128, 32, 8, 2), KernelTiles(64, 64, 8, 2))
 
   def with_blocks(self, block_q: int | None, block_k: int | None) -> "Tiles":
     """Override the q/k tile sizes of every kernel."""
