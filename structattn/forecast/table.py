@@ -25,7 +25,6 @@ from pathlib import Path
 import numpy as np
 
 PATCHTST64_ETTH1_MSE = {96: 0.370, 192: 0.413, 336: 0.422, 720: 0.447}
-PATCHTST64_ETTH1_MAE = {96: 0.400, 192: 0.429, 336: 0.440, 720: 0.468}
 
 
 def parse_value(text: str):
