@@ -218,7 +218,10 @@ def _run(configs, workdirs, vmapped: bool, group_dir: str | None = None):
   if all(_finished(p, c) for p, c in zip(previous, configs)):
     return previous  # finished: nothing to do
   setups = [tasks_lib.build(c) for c in configs]  # fails fast on bad data config
-  configs = [resolve(c, s) for c, s in zip(configs, setups)]
+  resolved = [resolve(c, s) for c, s in zip(configs, setups)]
+  setups = [s if int(r.train.steps) == int(c.train.get("steps", 0)) else tasks_lib.build(r)
+            for c, r, s in zip(configs, resolved, setups)]  # schedules that need the length
+  configs = resolved
   config, setup = configs[0], setups[0]
   members = len(configs) if vmapped else None
   graphdef, params_state, rest = nnx.split(setup.model, nnx.Param, ...)
@@ -407,11 +410,15 @@ def main(argv=None):
   config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/lm.py:tiny.",
                                   lock_config=True)
   flags.DEFINE_string("workdir", None, "Run directory (created; resumed if it has checkpoints).")
+  flags.DEFINE_string("compilation_cache", "~/.cache/structattn/jax", "Persistent JAX "
+                      "compilation cache directory ('' to disable).")
   flags.mark_flags_as_required(["config", "workdir"])
 
   def _main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+    from structattn.sweep import enable_compilation_cache
+    enable_compilation_cache(flags.FLAGS.compilation_cache or None)
     result = train(flags.FLAGS.config, flags.FLAGS.workdir)
     print({k: v for k, v in result.items()
            if k == "status" or k.startswith(("final/", "test/")) or k == result.get("unit")})

@@ -40,12 +40,15 @@ class ICRModel(nnx.Module):
   def __init__(self, d_max: int, n_max: int, d_model: int, num_layers: int,
                attention: Mapping[str, Any] | None = None, *, rngs: nnx.Rngs,
                d_mlp: int | None = None, attention_pattern: str = "",
-               specs: tuple[AttentionSpec, ...] | None = None):
+               specs: tuple[AttentionSpec, ...] | None = None,
+               read_in_as_embedding: bool = True):
     self.d_max, self.n_max, self.dtype = d_max, n_max, jnp.float32
     if specs is None:
       specs = icr_specs(attention or {"variant": "mha"}, d_model, num_layers, 2 * n_max,
                         attention_pattern)
     self.read_in = Dense(d_max, d_model, rngs=rngs)
+    if read_in_as_embedding:  # muP: an input layer whose fan-in does not grow with width
+      self.read_in.kernel = nnx.Param(self.read_in.kernel[...])  # base lr (no fan_in)
     self.pos = nnx.Param(jax.random.normal(rngs.params(), (2 * n_max, d_model),
                                            jnp.float32) * 0.02)
     self.blocks = nnx.List([Block(s, d_mlp or 4 * d_model, rngs=rngs, dtype=self.dtype)

@@ -77,14 +77,33 @@ def curriculum(step: int, total_steps: int, d_start: int = 4, d_end: int = 4, n_
   (n_end = 2 d_end by default).  So d(step) = min(d_end, d_start + inc_d * (step // e)):
   monotone, (d_start, n_start) at step 0, (d_end, n_end) from step K * e <= B on.
   """
+  e, inc_d, inc_n, n_end = curriculum_rule(total_steps, d_start, d_end, n_start, n_end, every,
+                                           end_fraction)
+  k = int(step) // e
+  return int(min(d_end, d_start + inc_d * k)), int(min(n_end, n_start + inc_n * k))
+
+
+def curriculum_rule(total_steps: int, d_start: int = 4, d_end: int = 4, n_start: int = 8,
+                    n_end: int | None = None, every: int = 2000,
+                    end_fraction: float = 0.06) -> tuple[int, int, int, int]:
+  """(interval e, d increment, N increment, n_end) of `curriculum` (its docstring has the rule)."""
   n_end = 2 * d_end if n_end is None else n_end
   budget = max(1, int(math.floor(end_fraction * total_steps)))
   e = max(1, min(every, budget))
   raises = max(1, budget // e)
   inc_d = -(-max(0, d_end - d_start) // raises)
   inc_n = -(-max(0, n_end - n_start) // raises)
-  k = int(step) // e
-  return int(min(d_end, d_start + inc_d * k)), int(min(n_end, n_start + inc_n * k))
+  return e, inc_d, inc_n, n_end
+
+
+def curriculum_traced(step, total_steps: int, d_start: int = 4, d_end: int = 4,
+                      n_start: int = 8, n_end: int | None = None, every: int = 2000,
+                      end_fraction: float = 0.06):
+  """`curriculum` for a traced step (int32 arrays), for batches drawn inside a jitted step."""
+  e, inc_d, inc_n, n_end = curriculum_rule(total_steps, d_start, d_end, n_start, n_end, every,
+                                           end_fraction)
+  k = jnp.asarray(step, jnp.int32) // e
+  return jnp.minimum(d_end, d_start + inc_d * k), jnp.minimum(n_end, n_start + inc_n * k)
 
 
 def interleave(x_BND: jax.Array, y_BN: jax.Array) -> jax.Array:
