@@ -11,6 +11,9 @@ Presets (`get_config(arg)`):
                        T=1024, 32,768 tokens per step, muP, AdamW(0.9, 0.95), warmup 2000,
                        constant LR, clip 1.0; variants mha, swa (w=512), gswa (32|32, w=512),
                        mlr (32|8|6|4|4|4|4|2, block_divide).
+  sweep-scaling-<tiny|paper>
+                       the scaling sweep (a `sweep` list for structattn-sweep /
+                       structattn-reproduce lm-scaling): mha, swa, gswa, mlr x widths (x LRs).
 """
 
 import ml_collections
@@ -62,8 +65,34 @@ def paper(variant: str, width: int) -> ml_collections.ConfigDict:
   return c
 
 
+def sweep_scaling(scale: str) -> ml_collections.ConfigDict:
+  """The LM scaling sweep: variants x widths (x learning rates at paper scale); each run's
+  eval curve against non-embedding compute feeds the frontier fit."""
+  if scale == "tiny":
+    c = get_config("tiny-mha")
+    c.model.update(num_layers=2, seq_len=128)
+    c.train.update(steps=200, batch_size=16, warmup_steps=20)
+    c.eval.update(every=50, batches=4, batch_size=16)
+    c.log_every, c.checkpoint_every = 50, 200
+    widths, lrs = (32, 64), (1e-2,)
+    variants = PAPER_VARIANTS
+    c.attention.num_heads = 2
+  else:
+    c = paper("mha", 256)
+    c.train.update(steps=20_000)
+    widths, lrs = PAPER_WIDTHS, (1e-3, 3e-3, 1e-2)
+    variants = PAPER_VARIANTS
+  c.sweep_name = f"lm-scaling-{scale}"
+  c.sweep = [{"attention.variant": v, "model.d_model": w, "train.lr": lr,
+              **({} if scale == "tiny" else {"attention.num_heads": w // 64})}
+             for v in variants for w in widths for lr in lrs]
+  return c
+
+
 def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   arg = (arg or "tiny").strip()
+  if arg in ("sweep-scaling-tiny", "sweep-scaling-paper"):
+    return sweep_scaling(arg.rsplit("-", 1)[1])
   parts = arg.split("-")
   if parts[0] == "tiny" and len(parts) <= 2:
     c = base_config()
@@ -83,5 +112,5 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
       return paper(parts[1], width)
   raise ValueError(
       f"unknown preset {arg!r} for configs/lm.py: allowed presets are 'tiny', "
-      f"'tiny-<variant>' and 'paper-<variant>-<width>' with variant in {PAPER_VARIANTS} and "
-      f"width in {PAPER_WIDTHS}")
+      f"'tiny-<variant>', 'paper-<variant>-<width>' with variant in {PAPER_VARIANTS} and "
+      f"width in {PAPER_WIDTHS}, 'sweep-scaling-tiny' and 'sweep-scaling-paper'")

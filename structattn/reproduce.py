@@ -1,0 +1,294 @@
+"""Reproduce a paper result: run its sweep, then fit and draw it.
+
+    structattn-reproduce icr-head-dim --scale=tiny --workdir=runs/icr-head-dim
+    structattn-reproduce lm-scaling --scale=paper --workdir=runs/lm --parallel=2
+
+Figures (`FIGURES`):
+  icr-head-dim    in-context regression, finding (a): MHA's last-point error against its head
+                  dim r = D / heads, one line per d_input; the error falls only once r
+                  approaches d_input.  (configs/icr.py:sweep-head-dim-<scale>)
+  icr-compute     in-context regression, finding (b): last-point error against forward
+                  compute for MHA, bilinear BTT and bilinear MLR at several widths; the
+                  structured variants below MHA at equal compute. (configs/icr.py:
+                  sweep-compute-<scale>)
+  lm-scaling      language modelling: held-out loss against non-embedding compute per width
+                  and combined, the compute frontier per variant with fitted power laws.
+                  (configs/lm.py:sweep-scaling-<scale>)
+  forecast-table  forecasting: test MSE / MAE per dataset, horizon and variant, mean and std
+                  over seeds. (configs/forecast.py:sweep-table-<scale>)
+
+The sweep goes to WORKDIR/runs (finished points are skipped, so re-running only redraws),
+figures (PNG and PDF), `summary.json` and a markdown table to WORKDIR.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+
+from structattn import results as results_lib
+
+
+def configs_dir() -> Path:
+  """The configs/ directory: ./configs if present, else the one beside the package."""
+  for d in (Path.cwd() / "configs", Path(__file__).resolve().parents[1] / "configs"):
+    if d.is_dir():
+      return d
+  raise FileNotFoundError("configs/ not found in the working directory or beside the package; "
+                          "run from a checkout of the repository")
+
+
+def load_preset(file: str, preset: str):
+  path = configs_dir() / file
+  spec = importlib.util.spec_from_file_location(f"structattn_configs_{path.stem}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(preset)
+
+
+def _finite(v) -> bool:
+  return isinstance(v, (int, float)) and math.isfinite(float(v))
+
+
+def _save(fig, out: Path, name: str) -> list[str]:
+  paths = []
+  for ext in ("png", "pdf"):
+    p = out / f"{name}.{ext}"
+    fig.savefig(p, dpi=150, bbox_inches="tight")
+    paths.append(str(p))
+  return paths
+
+
+def _figure(**kw):
+  from matplotlib.figure import Figure
+  return Figure(**kw)
+
+
+def _completed(rows):
+  return [r for r in rows if r.get("status") == "completed"]
+
+
+# -------------------------------------------------------------------------------- analyses
+
+
+def analyze_icr_head_dim(root: Path, out: Path) -> dict[str, Any]:
+  """Final last-point error against head dim r per d_input, with the baselines."""
+  rows = _completed(results_lib.collect(root))
+  by_d: dict[int, list[tuple[int, float, float]]] = {}
+  base: dict[int, dict[str, float]] = {}
+  for r in rows:
+    d, width, heads = int(r["icr.d_input"]), int(r["model.d_model"]), int(
+        r["attention.num_heads"])
+    head_dim = int(r.get("attention.d_qk") or 0) or width // heads
+    by_d.setdefault(d, []).append((head_dim, float(r["final/eval_last_point_se"]),
+                                   float(r.get("final/eval_last_point_se_sem") or 0.0)))
+    base[d] = {k.split("/")[1]: float(r[k]) for k in r
+               if k.startswith("baseline/") and k.endswith("/last_point_se") and _finite(r[k])}
+  fig = _figure(figsize=(4.8 * max(1, len(by_d)), 3.6))
+  axes = fig.subplots(1, max(1, len(by_d)), squeeze=False)[0]
+  summary = {"figure": "icr-head-dim", "by_d_input": {}}
+  for ax, d in zip(axes, sorted(by_d)):
+    pts = sorted(by_d[d])
+    r_, e_, s_ = (np.array(v) for v in zip(*pts))
+    ax.errorbar(r_, e_, yerr=s_, marker="o", label="MHA")
+    for name, style in (("zero", ":"), ("least_squares", "--"), ("averaging", "-.")):
+      if name in base[d]:
+        ax.axhline(max(base[d][name], 1e-6), ls=style, color="grey", lw=1, label=name)
+    ax.axvline(d, color="k", lw=0.8, alpha=0.5)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("head dim r")
+    ax.set_ylabel("last-point squared error")
+    ax.set_title(f"d_input = {d}")
+    ax.legend(fontsize=7)
+    below = [e for r, e, _ in pts if r < d]
+    at_or_above = [e for r, e, _ in pts if r >= d]
+    summary["by_d_input"][str(d)] = {
+        "head_dim": [int(v) for v in r_], "last_point_se": [float(v) for v in e_],
+        "last_point_se_sem": [float(v) for v in s_], "baselines": base[d],
+        "best_below_d": min(below) if below else None,
+        "best_at_or_above_d": min(at_or_above) if at_or_above else None,
+        "finding_holds": bool(below and at_or_above and min(at_or_above) < min(below))}
+  summary["files"] = _save(fig, out, "icr_head_dim")
+  lines = ["| d_input | " + " | ".join(f"r={r}" for r in sorted({p[0] for v in by_d.values()
+                                                                  for p in v})) + " |"]
+  all_r = sorted({p[0] for v in by_d.values() for p in v})
+  lines.append("|---" * (len(all_r) + 1) + "|")
+  for d in sorted(by_d):
+    e = {p[0]: p[1] for p in by_d[d]}
+    lines.append(f"| {d} | " + " | ".join(f"{e[r]:.3g}" if r in e else "" for r in all_r)
+                 + " |")
+  summary["table"] = "\n".join(lines)
+  return summary
+
+
+def _curves(root: Path, y: str, x: str = "compute/paper_macs"):
+  from structattn import fit as fit_lib
+  return fit_lib.load_curves(root, x=x, y=y, statuses=("completed",))
+
+
+def _compare_at_equal_compute(curves, group: str, y_better=min) -> dict[str, Any]:
+  """Per variant, the frontier's value at shared compute points (log-interpolated)."""
+  from structattn import fit as fit_lib
+  fronts = {}
+  for c in curves:
+    fronts.setdefault(str(c.row.get(group)), []).append(c)
+  fr = {k: fit_lib.frontier(v) for k, v in fronts.items()}
+  lo = max(float(np.min(f.x)) for f in fr.values())
+  hi = min(float(np.max(f.x)) for f in fr.values())
+  out: dict[str, Any] = {"compute_range": [lo, hi], "at": {}}
+  if not lo < hi:
+    return out
+  grid = np.geomspace(lo, hi, 5)
+  for k, f in fr.items():
+    out["at"][k] = [float(f.at(g)) for g in grid]
+  out["grid"] = [float(g) for g in grid]
+  return out
+
+
+def analyze_icr_compute(root: Path, out: Path) -> dict[str, Any]:
+  from structattn import figures as fig_lib
+  y = "eval/last_point_se"
+  curves = _curves(root, y)
+  group = ("attention.variant",)
+  paths = []
+  for name, fig in (("icr_compute_by_width", fig_lib.plot_curves_by_width(curves, group=group,
+                                                                          x="compute/paper_macs",
+                                                                          y=y)),
+                    ("icr_compute_combined", fig_lib.plot_curves_combined(
+                        curves, group, "compute/paper_macs", y))):
+    paths += [str(p) for p in fig_lib.save(fig, out, name)]
+  cmp = _compare_at_equal_compute(curves, "attention.variant")
+  rows = _completed(results_lib.collect(root))
+  final = sorted(((str(r["attention.variant"]), int(r["model.d_model"]),
+                   float(r["final/eval_last_point_se"]), float(r["compute/paper_macs"]))
+                  for r in rows), key=lambda t: (t[1], t[0]))
+  table = ["| variant | width | final last-point SE | forward MACs |", "|---|---|---|---|"]
+  table += [f"| {v} | {w} | {e:.3g} | {c:.3g} |" for v, w, e, c in final]
+  holds = None
+  if cmp.get("at") and "mha" in cmp["at"]:
+    mha = np.array(cmp["at"]["mha"])
+    holds = {k: bool(np.all(np.array(v) < mha)) for k, v in cmp["at"].items() if k != "mha"}
+  return {"figure": "icr-compute", "files": paths, "frontier_at_equal_compute": cmp,
+          "structured_below_mha_everywhere": holds, "table": "\n".join(table)}
+
+
+def analyze_lm_scaling(root: Path, out: Path) -> dict[str, Any]:
+  from structattn import figures as fig_lib
+  from structattn import fit as fit_lib
+  fits = fit_lib.fit_dir(root, x="compute/paper_macs", y="eval/loss",
+                         group=("attention.variant",), statuses=("completed",), n_boot=100)
+  fits.write_json(out / "fits.json")
+  paths = [str(p) for p in fig_lib.make_figures(root, out, x="compute/paper_macs",
+                                                y="eval/loss", fits=fits)]
+  curves = _curves(root, "eval/loss")
+  cmp = _compare_at_equal_compute(curves, "attention.variant")
+  return {"figure": "lm-scaling", "files": paths, "fits": fits.to_dict(),
+          "frontier_at_equal_compute": cmp, "table": fits.format()}
+
+
+def analyze_forecast_table(root: Path, out: Path) -> dict[str, Any]:
+  rows = _completed(results_lib.collect(root))
+  cells: dict[tuple, list[tuple[float, float]]] = {}
+  for r in rows:
+    key = (str(r["data.dataset"]), int(r["data.horizon"]), str(r["attention.variant"]))
+    cells.setdefault(key, []).append((float(r["test/mse"]), float(r["test/mae"])))
+  table = ["| dataset | horizon | variant | seeds | test MSE | test MAE |",
+           "|---|---|---|---|---|---|"]
+  summary = {}
+  for (ds, h, v), vals in sorted(cells.items()):
+    mse, mae = np.array(vals).T
+    sd = lambda a: float(a.std(ddof=1)) if len(a) > 1 else float("nan")
+    summary[f"{ds}-{h}-{v}"] = {"mse": float(mse.mean()), "mse_std": sd(mse),
+                                "mae": float(mae.mean()), "mae_std": sd(mae), "seeds": len(vals)}
+    table.append(f"| {ds} | {h} | {v} | {len(vals)} | {mse.mean():.3f} ± {sd(mse):.3f} | "
+                 f"{mae.mean():.3f} ± {sd(mae):.3f} |")
+  return {"figure": "forecast-table", "cells": summary, "table": "\n".join(table)}
+
+
+FIGURES: dict[str, tuple[str, str, Callable[[Path, Path], dict]]] = {
+    "icr-head-dim": ("icr.py", "sweep-head-dim", analyze_icr_head_dim),
+    "icr-compute": ("icr.py", "sweep-compute", analyze_icr_compute),
+    "lm-scaling": ("lm.py", "sweep-scaling", analyze_lm_scaling),
+    "forecast-table": ("forecast.py", "sweep-table", analyze_forecast_table),
+}
+SCALES = ("tiny", "paper")
+
+
+def reproduce(figure: str, scale: str, workdir: str, parallel: int = 1, vmap: bool = True,
+              overrides: Mapping[str, Any] | None = None, analyze_only: bool = False,
+              cache_dir: str | None = "~/.cache/structattn/jax") -> dict[str, Any]:
+  """Run the figure's sweep (unless analyze_only), then its analysis; returns the summary."""
+  if figure not in FIGURES:
+    raise ValueError(f"figure={figure!r} is invalid: allowed values are {sorted(FIGURES)}")
+  if scale not in SCALES:
+    raise ValueError(f"--scale={scale!r} is invalid: allowed values are {SCALES}")
+  file, preset, analyze = FIGURES[figure]
+  out = Path(workdir)
+  runs = out / "runs"
+  statuses = {}
+  if not analyze_only:
+    from structattn import sweep as sweep_lib
+    config = load_preset(file, f"{preset}-{scale}")
+    if overrides:
+      base_sweep = list(config.sweep)
+      config = sweep_lib.apply_overrides(config, overrides)
+      config.sweep = base_sweep
+    statuses = sweep_lib.run_sweep(config, str(runs), parallel=parallel, vmap=vmap,
+                                   cache_dir=cache_dir)
+  out.mkdir(parents=True, exist_ok=True)
+  summary = analyze(runs, out)
+  summary.update(scale=scale, points=statuses or None)
+  (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+  (out / "table.md").write_text(summary.get("table", "") + "\n")
+  return summary
+
+
+def _parse_set(items: Sequence[str]) -> dict[str, Any]:
+  out = {}
+  for item in items:
+    if "=" not in item:
+      raise ValueError(f"--set {item!r}: expected key=value")
+    k, v = item.split("=", 1)
+    try:
+      out[k] = json.loads(v)
+    except ValueError:
+      out[k] = v
+  return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  p = argparse.ArgumentParser(prog="structattn-reproduce", description=__doc__.split("\n")[0])
+  p.add_argument("figure", choices=sorted(FIGURES))
+  p.add_argument("--scale", default="tiny", choices=SCALES)
+  p.add_argument("--workdir", default=None, help="default runs/<figure>-<scale>")
+  p.add_argument("--parallel", type=int, default=1)
+  p.add_argument("--no-vmap", action="store_true", help="one process per seed / LR")
+  p.add_argument("--analyze-only", action="store_true", help="redraw from existing runs")
+  p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                 help="override a base-config field for every point (JSON values)")
+  a = p.parse_args(argv)
+  workdir = a.workdir or f"runs/{a.figure}-{a.scale}"
+  try:
+    summary = reproduce(a.figure, a.scale, workdir, a.parallel, not a.no_vmap,
+                        _parse_set(a.set), a.analyze_only)
+  except (ValueError, FileNotFoundError) as e:
+    print(f"structattn-reproduce: error: {e}", file=sys.stderr)
+    return 1
+  print(summary.get("table", ""))
+  failed = {k: v for k, v in (summary.get("points") or {}).items() if str(v).startswith("fail")}
+  for k, v in failed.items():
+    print(f"failed point {k}: {v}")
+  print(f"figures and summary in {workdir}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
