@@ -16,14 +16,15 @@ Differentiable (custom VJP: flash backward recomputing P from the saved log-sum-
 Tiling.  A level is *coarse* for a kernel when its block size is a multiple of both tile
 sizes; coarse levels are levels 0..g.  For the row tile of a program (a query tile in
 the forward and dq kernels, a key tile in the dk/dv kernel), the column tiles that share
-level l but not l+1 form contiguous ranges, so the kernel runs one loop per run of coarse
-levels with the same padded prefix width W (a power of two >= 16) and contracts over W
-only (columns past the tile's prefix masked to zero at load time, the divisor computed
-per tile).  The remaining "near" tiles - the fine (sub-tile) blocks touched by the row
-tile, and the causal diagonal - are scored per pair: one product per level segment,
-selected by the per-level block masks.  Gradients w.r.t. q and k accumulate in column
-bands [0, w0), [w0, 2 w0), [2 w0, 4 w0), ... so a tile contributes only to the bands
-inside its prefix.  Memory is O(T): the forward saves the output and the log-sum-exp.
+level l but not l+1 form contiguous ranges, so the kernel runs one loop per coarse level,
+contracting over its padded prefix width W_l (a power of two >= 16; the loop-invariant
+operand is loaded with the columns past P_l zeroed, the divisor is static).  The
+remaining "near" tiles - the fine (sub-tile) blocks touched by the row tile, and the
+causal diagonal - are scored per pair: one product per level segment, selected by the
+per-level block masks.  Gradients w.r.t. q and k accumulate in column bands [0, w0),
+[w0, 2 w0), [2 w0, 4 w0), ... so a tile contributes only to the bands inside its prefix
+(the band cut by P_l goes through a temporary masked once after the loop).  Memory is
+O(T): the forward saves the output and the log-sum-exp.  H100 results: docs/performance.md.
 
 Inputs are zero-padded to power-of-two feature widths (>= 16); causal inputs are padded
 in time to a multiple of the coarsest block and the tiles (future keys are never seen);
@@ -69,7 +70,7 @@ class Tiles:
   @staticmethod
   def default(width: int) -> "Tiles":
     """Tiles for H100 at a padded q/k/v width, the best of a small search at T=4096
-    (benchmarks/attention.py --pallas); none spills registers (Triton 3.6, ptxas)."""
+    (benchmarks/attention.py --pallas), checked for register spills with ptxas (Triton 3.6)."""
     if width <= 64:
       return Tiles(KernelTiles(128, 64, 4, 3), KernelTiles(128, 64, 8, 3),
                    KernelTiles(64, 64, 8, 3))
@@ -128,7 +129,7 @@ class Levels:
 
 @dataclasses.dataclass(frozen=True)
 class _Plan:
-  """One kernel's tiling of the levels: row tiles of `rows`, column tiles of `cols`."""
+  """One kernel's tiling of the levels: query tiles of bq rows, key tiles of bk rows."""
   lv: Levels
   bq: int
   bk: int
