@@ -13,7 +13,9 @@ Presets (`get_config(arg)`):
 muP here takes base width 64 (the LR is the one tuned at width 64; measured on CPU, the
 LM's base 768 over-scales hidden LRs of these narrow models) and treats the read-in as an
 input embedding (base LR: its fan-in is d_input, not the width).
-Sweeps (a config with a `sweep` list of override sets, run by `structattn-sweep`):
+Sweeps (a config with a `sweep` list of override sets, run by `structattn-sweep`); the
+`paper` sweeps keep the paper's model and task but train 8000 steps (sized for one H100 and a
+few minutes; `--set train.steps=500000` restores the paper's length):
   sweep-head-dim-<tiny|paper>   finding (a): MHA error against head dim r = D / heads for
                                 several d_input.
   sweep-compute-<tiny|paper>    finding (b): error against compute for MHA, bilinear BTT and
@@ -72,6 +74,7 @@ def paper(variant: str, d_input: int, width: int) -> ml_collections.ConfigDict:
   c.attention.num_heads = 8
   c.attention.bmlr_ranks = bmlr_ranks(width)
   c.train.update(steps=500_000, lr=1e-3, warmup_steps=1000, steps_per_call=500)
+  c.eval.update(num_prompts=2048, batch_size=1024)
   c.icr.pool_size = 32_000_000
   c.eval.update(every=5000)
   c.log_every = 1000
@@ -98,10 +101,10 @@ def sweep_head_dim(scale: str) -> ml_collections.ConfigDict:
     c.eval.update(every=500, num_prompts=512, batch_size=512)
     d_inputs, heads, seeds = (16,), (8, 2, 1), (0,)
   else:
-    c = paper("mha", 32, 256)
-    c.train.update(steps=30_000, lr=1e-3)
-    c.eval.update(every=5000)
-    d_inputs, heads, seeds = (16, 32, 64), (64, 16, 8, 4, 2, 1), (0,)
+    c = paper("mha", 32, 128)
+    c.train.update(steps=8000, lr=1e-3)
+    c.eval.update(every=1000)
+    d_inputs, heads, seeds = (16, 32), (32, 8, 4, 1), (0,)
   c.sweep_name = f"icr-head-dim-{scale}"
   c.sweep = [{"icr.d_input": d, "attention.num_heads": h, "seed": s}
              for d, h, s in itertools.product(d_inputs, heads, seeds)]
@@ -119,9 +122,9 @@ def sweep_compute(scale: str) -> ml_collections.ConfigDict:
     c.eval.update(every=250, num_prompts=512, batch_size=512)
     widths, lrs = (16, 32), (1e-3,)
   else:
-    c = paper("mha", 32, 256)
-    c.train.update(steps=30_000, lr=1e-3)
-    c.eval.update(every=2500)
+    c = paper("mha", 32, 128)
+    c.train.update(steps=8000, lr=1e-3)
+    c.eval.update(every=500)
     widths, lrs = (64, 128, 256), (1e-3,)
   c.attention.num_heads = 8 if scale != "tiny" else 2
   c.sweep_name = f"icr-compute-{scale}"

@@ -78,17 +78,36 @@ def _completed(rows):
 # -------------------------------------------------------------------------------- analyses
 
 
+def last_eval(run_dir: Path, key: str) -> tuple[int, float, float] | None:
+  """(step, value, sem) of the last logged eval of `key` in a run's metrics.jsonl."""
+  for row in reversed(results_lib.read_metrics(run_dir)):
+    if _finite(row.get(key)):
+      return int(row["step"]), float(row[key]), float(row.get(key + "_sem") or 0.0)
+  return None
+
+
+def _evaluated(root: Path, key: str):
+  """(row, (step, value, sem)) of completed and interrupted runs with at least one eval."""
+  out = []
+  for r in results_lib.collect(root):
+    if r.get("status") not in ("completed", "running"):
+      continue
+    ev = last_eval(Path(root) / r["run"], key)
+    if ev is not None:
+      out.append((r, ev))
+  return out
+
+
 def analyze_icr_head_dim(root: Path, out: Path) -> dict[str, Any]:
-  """Final last-point error against head dim r per d_input, with the baselines."""
-  rows = _completed(results_lib.collect(root))
-  by_d: dict[int, list[tuple[int, float, float]]] = {}
+  """Last-point error against head dim r per d_input, with the baselines.  Runs cut short
+  (status running) count with their last eval; the table gives the steps reached."""
+  by_d: dict[int, list[tuple[int, float, float, int]]] = {}
   base: dict[int, dict[str, float]] = {}
-  for r in rows:
+  for r, (step, se, sem) in _evaluated(root, "eval/last_point_se"):
     d, width, heads = int(r["icr.d_input"]), int(r["model.d_model"]), int(
         r["attention.num_heads"])
     head_dim = int(r.get("attention.d_qk") or 0) or width // heads
-    by_d.setdefault(d, []).append((head_dim, float(r["final/eval_last_point_se"]),
-                                   float(r.get("final/eval_last_point_se_sem") or 0.0)))
+    by_d.setdefault(d, []).append((head_dim, se, sem, step))
     base[d] = {k.split("/")[1]: float(r[k]) for k in r
                if k.startswith("baseline/") and k.endswith("/last_point_se") and _finite(r[k])}
   fig = _figure(figsize=(4.8 * max(1, len(by_d)), 3.6))
@@ -96,7 +115,7 @@ def analyze_icr_head_dim(root: Path, out: Path) -> dict[str, Any]:
   summary = {"figure": "icr-head-dim", "by_d_input": {}}
   for ax, d in zip(axes, sorted(by_d)):
     pts = sorted(by_d[d])
-    r_, e_, s_ = (np.array(v) for v in zip(*pts))
+    r_, e_, s_, _ = (np.array(v) for v in zip(*pts))
     ax.errorbar(r_, e_, yerr=s_, marker="o", label="MHA")
     for name, style in (("zero", ":"), ("least_squares", "--"), ("averaging", "-.")):
       if name in base[d]:
@@ -108,11 +127,12 @@ def analyze_icr_head_dim(root: Path, out: Path) -> dict[str, Any]:
     ax.set_ylabel("last-point squared error")
     ax.set_title(f"d_input = {d}")
     ax.legend(fontsize=7)
-    below = [e for r, e, _ in pts if r < d]
-    at_or_above = [e for r, e, _ in pts if r >= d]
+    below = [e for r, e, _, _ in pts if r < d]
+    at_or_above = [e for r, e, _, _ in pts if r >= d]
     summary["by_d_input"][str(d)] = {
         "head_dim": [int(v) for v in r_], "last_point_se": [float(v) for v in e_],
-        "last_point_se_sem": [float(v) for v in s_], "baselines": base[d],
+        "last_point_se_sem": [float(v) for v in s_], "steps": [p[3] for p in pts],
+        "baselines": base[d],
         "best_below_d": min(below) if below else None,
         "best_at_or_above_d": min(at_or_above) if at_or_above else None,
         "finding_holds": bool(below and at_or_above and min(at_or_above) < min(below))}
@@ -122,16 +142,16 @@ def analyze_icr_head_dim(root: Path, out: Path) -> dict[str, Any]:
   all_r = sorted({p[0] for v in by_d.values() for p in v})
   lines.append("|---" * (len(all_r) + 1) + "|")
   for d in sorted(by_d):
-    e = {p[0]: p[1] for p in by_d[d]}
-    lines.append(f"| {d} | " + " | ".join(f"{e[r]:.3g}" if r in e else "" for r in all_r)
-                 + " |")
+    e = {p[0]: (p[1], p[3]) for p in by_d[d]}
+    lines.append(f"| {d} | " + " | ".join(f"{e[r][0]:.3g} ({e[r][1]} steps)" if r in e else ""
+                                          for r in all_r) + " |")
   summary["table"] = "\n".join(lines)
   return summary
 
 
 def _curves(root: Path, y: str, x: str = "compute/paper_macs"):
   from structattn import fit as fit_lib
-  return fit_lib.load_curves(root, x=x, y=y, statuses=("completed",))
+  return fit_lib.load_curves(root, x=x, y=y, statuses=("completed", "running"))
 
 
 def _compare_at_equal_compute(curves, group: str, y_better=min) -> dict[str, Any]:
@@ -166,12 +186,14 @@ def analyze_icr_compute(root: Path, out: Path) -> dict[str, Any]:
                         curves, group, "compute/paper_macs", y))):
     paths += [str(p) for p in fig_lib.save(fig, out, name)]
   cmp = _compare_at_equal_compute(curves, "attention.variant")
-  rows = _completed(results_lib.collect(root))
-  final = sorted(((str(r["attention.variant"]), int(r["model.d_model"]),
-                   float(r["final/eval_last_point_se"]), float(r["compute/paper_macs"]))
-                  for r in rows), key=lambda t: (t[1], t[0]))
-  table = ["| variant | width | final last-point SE | forward MACs |", "|---|---|---|---|"]
-  table += [f"| {v} | {w} | {e:.3g} | {c:.3g} |" for v, w, e, c in final]
+  final = sorted(((str(r["attention.variant"]), int(r["model.d_model"]), se, step,
+                   step * float(r.get("compute/paper_macs_per_prompt") or 0) *
+                   int(r["train.batch_size"]))
+                  for r, (step, se, _) in _evaluated(root, "eval/last_point_se")),
+                 key=lambda t: (t[1], t[0]))
+  table = ["| variant | width | last-point SE | steps | forward MACs |",
+           "|---|---|---|---|---|"]
+  table += [f"| {v} | {w} | {e:.3g} | {s} | {c:.3g} |" for v, w, e, s, c in final]
   holds = None
   if cmp.get("at") and "mha" in cmp["at"]:
     mha = np.array(cmp["at"]["mha"])

@@ -129,7 +129,7 @@ def test_sweep_vmap_groups_and_names(tmp_path):
 
 
 def test_icr_presets_and_errors():
-  assert len(icr_configs.get_config("sweep-head-dim-paper").sweep) == 18
+  assert len(icr_configs.get_config("sweep-head-dim-paper").sweep) == 8
   assert {p["attention.variant"] for p in icr_configs.get_config("sweep-compute-tiny").sweep} \
       == {"mha", "bilinear_btt", "bilinear_mlr"}
   with pytest.raises(ValueError, match="unknown ICR preset"):
