@@ -288,3 +288,17 @@ def test_custom_feature_structure_plugs_in():
   np.testing.assert_allclose(s[0, 1], xn @ np.diag(a[1]) @ xn.T / 8, rtol=1e-10)
   from structattn import flops
   assert flops.attention_params(spec)["qk"] == 16
+
+
+def test_pallas_impl_is_selectable_and_falls_back_off_gpu():
+  """impl='pallas' is a valid choice; off GPU (and for float64) it takes the XLA path."""
+  from structattn.attention import core
+  m = make(VARIANTS["mlr"], causal=True)
+  x = x_of(2, T, D)
+  np.testing.assert_allclose(run(m, x, "pallas"), reference.attention_layer(m, np.asarray(x)),
+                             rtol=1e-9, atol=1e-9)
+  q = jnp.zeros((1, 8, 1, 4), jnp.float32)
+  pat = core.Pattern(seqs=("global", "block"), sizes=(0, 4), widths=(2, 2), causal=True)
+  assert core.pallas_supported(q, pat) == (jax.default_backend() == "gpu")
+  pat_w = core.Pattern(seqs=("window",), sizes=(4,), widths=(4,), causal=True)
+  assert not core.pallas_supported(q, pat_w)

@@ -421,10 +421,24 @@ def cudnn_attention(q_BTHK, k_BTHK, v_BTHV, pattern: Pattern):
 # -------------------------------------------------------------------------------- dispatch
 
 
+def pallas_supported(q_BTHK, pattern: Pattern) -> bool:
+  """Whether the fused Pallas MLR kernel serves this call (GPU, no window levels, 16-bit or
+  float32 inputs)."""
+  return (jax.default_backend() == "gpu" and "window" not in pattern.seqs
+          and q_BTHK.dtype in (jnp.bfloat16, jnp.float16, jnp.float32))
+
+
 def attention(q_BTHK, k_BTHK, v_BTHV, pattern: Pattern, impl: str = "auto"):
-  """Softmax attention for a score pattern; impl in auto | xla | cudnn | reference."""
+  """Softmax attention for a score pattern; impl in auto | xla | cudnn | pallas | reference.
+
+  'pallas' runs the fused Pallas MLR kernel (`pallas_mlr.mlr_attention_pallas`) for block
+  and global levels on a GPU, and falls back to the XLA path elsewhere (CPU, windows,
+  float64)."""
   if impl == "reference":
     return reference_attention(q_BTHK, k_BTHK, v_BTHV, pattern)
+  if impl == "pallas" and pallas_supported(q_BTHK, pattern):
+    from structattn.attention.pallas_mlr import mlr_attention_pallas
+    return mlr_attention_pallas(q_BTHK, k_BTHK, v_BTHV, pattern)
   if impl in ("auto", "cudnn"):
     ok, why = cudnn_supported(q_BTHK, k_BTHK, v_BTHV, pattern)
     if ok:
