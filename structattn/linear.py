@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from structattn.factors import btt_factors
+from structattn.sharding import param
 
 
 def _normal(rngs: nnx.Rngs, shape: tuple[int, ...], fan_in: int, zero: bool) -> jax.Array:
@@ -28,8 +29,9 @@ def _normal(rngs: nnx.Rngs, shape: tuple[int, ...], fan_in: int, zero: bool) -> 
   return jax.random.normal(rngs.params(), shape, jnp.float32) / math.sqrt(fan_in)
 
 
-def _param(value: jax.Array, fan_in: int) -> nnx.Param:
-  return nnx.Param(value, fan_in=fan_in)
+def _param(value: jax.Array, fan_in: int, axes=None) -> nnx.Param:
+  """A parameter with its fan-in and (optionally) logical axis names (`structattn.sharding`)."""
+  return param(value, axes, fan_in=fan_in)
 
 
 def rms_cap(w: jax.Array, d_in: int, d_out: int) -> jax.Array:
@@ -40,12 +42,12 @@ def rms_cap(w: jax.Array, d_in: int, d_out: int) -> jax.Array:
 
 
 class Dense(nnx.Module):
-  """y = x W, W of shape (d_in, d_out)."""
+  """y = x W, W of shape (d_in, d_out).  `axes`: logical names of W's two axes (sharding)."""
 
   def __init__(self, d_in: int, d_out: int, *, rngs: nnx.Rngs, zero_init: bool = False,
-               dtype=jnp.float32):
+               dtype=jnp.float32, axes: tuple[str | None, str | None] | None = None):
     self.d_in, self.d_out, self.dtype = d_in, d_out, dtype
-    self.kernel = _param(_normal(rngs, (d_in, d_out), d_in, zero_init), d_in)
+    self.kernel = _param(_normal(rngs, (d_in, d_out), d_in, zero_init), d_in, axes)
 
   def __call__(self, x_NI: jax.Array) -> jax.Array:
     return jnp.einsum("...i,io->...o", x_NI.astype(self.dtype), self.kernel[...].astype(self.dtype))

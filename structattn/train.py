@@ -5,6 +5,13 @@
 
 The same command in the same workdir resumes from the last checkpoint (params, optimiser
 state, step and the data iterator's position), so a killed run loses nothing.
+
+Scale-out (docs/scaling-out.md): `config.mesh` (data, fsdp, tensor; -1 = the rest) builds a
+device mesh, parameters and optimiser state are sharded by their logical axis names
+(`config.sharding.rules`), the step is compiled once with in/out shardings and donation, and
+each host feeds its slice of the global batch.  Multi-host runs initialise
+`jax.distributed` from the environment (SLURM, TPU pods) or --coordinator_address,
+--num_processes, --process_id.  Without a mesh (the default) nothing changes.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ from flax import nnx
 
 from structattn import checkpoint as ckpt_lib
 from structattn import rundir as rundir_lib
+from structattn import sharding as sharding_lib
 from structattn import tasks as tasks_lib
 from structattn.models.gpt import GPT, GPTConfig
 from structattn.optim import make_optimizer, schedule, with_lr
@@ -67,7 +75,8 @@ def train_step(params, opt_state, batch, *, graphdef, rest, tx, accum: int = 1, 
   if accum == 1:
     loss, grads = jax.value_and_grad(loss_fn_)(params, graphdef, rest, batch)
   else:
-    mbs = jax.tree.map(lambda x: x.reshape(accum, -1, *x.shape[1:]), batch)
+    mbs = jax.tree.map(lambda x: sharding_lib.constrain(
+        x.reshape(accum, -1, *x.shape[1:]), (None, "batch") + (None,) * (x.ndim - 1)), batch)
     zeros = jax.tree.map(jnp.zeros_like, params)
     (loss, grads), _ = jax.lax.scan(micro, (jnp.zeros((), jnp.float32), zeros), mbs)
     loss, grads = loss / accum, jax.tree.map(lambda g: g / accum, grads)
@@ -100,10 +109,11 @@ def multi_step(params, opt_state, seed, step0, num_steps, *, batch_fn, step_fn):
   return params, opt_state, m, total / jnp.maximum(num_steps, 1)
 
 
-def evaluate(eval_fn, params, batches, summarize, prefix="eval", members=None):
+def evaluate(eval_fn, params, batches, summarize, prefix="eval", members=None,
+             fetch=jax.device_get):
   """Held-out metrics: per-example arrays concatenated over batches, then summarised (once
   per member when params are stacked over `members`)."""
-  outs = [jax.device_get(eval_fn(params, b)) for b in batches]
+  outs = [fetch(eval_fn(params, b)) for b in batches]
   arrays = {k: np.concatenate([o[k] for o in outs], axis=0 if members is None else 1)
             for k in outs[0]}
   if members is None:
@@ -191,6 +201,62 @@ def _finished(result, config) -> bool:
   return int(result.get("train/steps", 0)) >= int(config.train.steps)
 
 
+def _agree(flag: bool) -> bool:
+  from structattn.distributed import agree
+  return agree(flag)
+
+
+def _check_layout(layout, config, setup) -> None:
+  """Fail fast when the global batch cannot be split over the mesh's batch axes, or when a
+  host's devices do not hold exactly the rows that host loads."""
+  tc, n = config.train, layout.size("batch")
+  if setup.train_batches is None:
+    return  # batches drawn on device: constrained where they divide, replicated otherwise
+  micro = int(tc.batch_size) // int(tc.grad_accum)
+  if micro % n:
+    raise ValueError(f"train.batch_size / train.grad_accum = {micro} must be divisible by the "
+                     f"{n} batch shards of mesh {dict(layout.mesh.shape)}")
+  procs = jax.process_count()
+  if procs > 1:
+    rows = int(tc.batch_size)
+    per = rows // procs
+    p = jax.process_index()
+    if layout.process_rows(rows) != (p * per, (p + 1) * per):
+      raise ValueError(f"mesh {dict(layout.mesh.shape)}: process {p} holds batch rows "
+                       f"{layout.process_rows(rows)}, not its data shard "
+                       f"[{p * per}, {(p + 1) * per}); keep the tensor axis within a host")
+
+
+def shard_state(layout, params_state, params, opt_state, lead: int = 0):
+  """Place params and optimiser state on the layout's mesh by the parameters' logical axis
+  names (`params_state`: the model's nnx.Param state; `lead` replicated leading axes, e.g.
+  the member axis of vmapped groups).  Returns (params, opt_state, param_shardings,
+  opt_state_shardings)."""
+  p_sh = layout.param_shardings(params_state, lead=lead)
+  o_sh = layout.shardings_like(opt_state, params, p_sh)
+  return layout.put(params, p_sh), layout.put(opt_state, o_sh), p_sh, o_sh
+
+
+class ShardedStep:
+  """`fn(params, opt_state, batch) -> (params, opt_state, metrics)` jitted once with in/out
+  shardings and donation of params and optimiser state (the successor of pjit); the batch
+  shardings are those of the first batch (placed by `Layout.put_batch`), metrics replicated.
+  Activations are constrained by the layout while tracing."""
+
+  def __init__(self, layout, fn, p_sh, o_sh):
+    self.layout, self.fn, self.p_sh, self.o_sh = layout, fn, p_sh, o_sh
+    self.jitted = None
+
+  def __call__(self, params, opt_state, batch):
+    if self.jitted is None:
+      b_sh = jax.tree.map(lambda x: x.sharding, batch)
+      self.jitted = jax.jit(self.layout.traced(self.fn),
+                            in_shardings=(self.p_sh, self.o_sh, b_sh),
+                            out_shardings=(self.p_sh, self.o_sh, self.layout.replicated),
+                            donate_argnums=(0, 1))
+    return self.jitted(params, opt_state, batch)
+
+
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Run (or resume) one training run; returns its result (also written to result.json)."""
   return _run([config], [workdir], vmapped=False)[0]
@@ -215,7 +281,7 @@ def _run(configs, workdirs, vmapped: bool, group_dir: str | None = None):
   t_start = time.time()
   rds = [rundir_lib.RunDir(w) for w in workdirs]
   previous = [rd.read_json("result.json") for rd in rds]
-  if all(_finished(p, c) for p, c in zip(previous, configs)):
+  if _agree(all(_finished(p, c) for p, c in zip(previous, configs))):
     return previous  # finished: nothing to do
   setups = [tasks_lib.build(c) for c in configs]  # fails fast on bad data config
   resolved = [resolve(c, s) for c, s in zip(configs, setups)]
@@ -235,6 +301,12 @@ def _run(configs, workdirs, vmapped: bool, group_dir: str | None = None):
     params, opt_state = _stack([i[0] for i in inits]), _stack([i[1] for i in inits])
   else:
     params, opt_state = inits[0]
+  # Sharding: None (the default) is one device and the unsharded path.
+  layout = sharding_lib.from_config(config)
+  lead = 1 if vmapped else 0  # the member axis of vmapped groups stays replicated
+  if layout is not None:
+    _check_layout(layout, config, setup)
+    params, opt_state, p_sh, o_sh = shard_state(layout, params_state, params, opt_state, lead)
   steps = int(config.train.steps)
   units = setup.units_per_step
   for c, rd in zip(configs, rds):
@@ -251,7 +323,8 @@ def _run(configs, workdirs, vmapped: bool, group_dir: str | None = None):
         s.train_batches.set_state(st)
     for rd in rds:
       rd.truncate_metrics(step)
-  results = [dict(setup.info, status="running", device=rundir_lib.device_description(),
+  extra = {} if layout is None else {"mesh": layout.describe()}
+  results = [dict(setup.info, **extra, status="running", device=rundir_lib.device_description(),
                   versions=rundir_lib.versions(), started=rundir_lib.now(), resumed_from=step,
                   unit=setup.unit, units_per_step=units,
                   **{"train/steps": steps,
@@ -268,21 +341,37 @@ def _run(configs, workdirs, vmapped: bool, group_dir: str | None = None):
     return setup.eval_metrics(params, graphdef, rest, batch)
 
   if setup.batch_fn is not None:
-    k_fn = functools.partial(multi_step, batch_fn=setup.batch_fn, step_fn=one_step)
+    batch_fn = setup.batch_fn
+    if layout is not None:  # prompts drawn on device, split over the batch axes
+      batch_fn = lambda seed, s, f=setup.batch_fn: sharding_lib.constrain_batch(f(seed, s))
+    k_fn = functools.partial(multi_step, batch_fn=batch_fn, step_fn=one_step)
     if vmapped:
       k_fn = jax.vmap(k_fn, in_axes=(0, 0, 0, None, None))
-    step_fn = jax.jit(k_fn, donate_argnums=(0, 1))
+    if layout is None:
+      step_fn = jax.jit(k_fn, donate_argnums=(0, 1))
+    else:
+      rep = layout.replicated
+      step_fn = jax.jit(layout.traced(k_fn), in_shardings=(p_sh, o_sh, rep, rep, rep),
+                        out_shardings=(p_sh, o_sh, rep, rep), donate_argnums=(0, 1))
     seeds = np.asarray([int(c.seed) for c in configs], np.int32)
     seed_arg = seeds if vmapped else seeds[0]
-  else:
+  elif layout is None:
     step_fn = jax.jit(jax.vmap(one_step) if vmapped else one_step, donate_argnums=(0, 1))
-  eval_fn = jax.jit(jax.vmap(one_eval) if vmapped else one_eval)
+  else:
+    step_fn = ShardedStep(layout, jax.vmap(one_step) if vmapped else one_step, p_sh, o_sh)
+  eval_fn = jax.jit(jax.vmap(one_eval) if vmapped else one_eval) if layout is None else \
+      jax.jit(layout.traced(jax.vmap(one_eval) if vmapped else one_eval))
+  fetch = jax.device_get if layout is None else layout.fetch
+
+  def place(batch):  # host batch -> (global) device arrays
+    return batch if layout is None else layout.put_batch(batch, lead)
 
   def stacked(batches_per_member):
-    return _stack(batches_per_member) if vmapped else batches_per_member[0]
+    return place(_stack(batches_per_member) if vmapped else batches_per_member[0])
 
-  eval_batches = ([_stack(bs) for bs in zip(*[s.eval_batches for s in setups])]
-                  if vmapped else list(setup.eval_batches))
+  eval_batches = [place(b) for b in (
+      [_stack(bs) for bs in zip(*[s.eval_batches for s in setups])]
+      if vmapped else list(setup.eval_batches))]
 
   def data_state():
     if setup.train_batches is None:
@@ -325,8 +414,8 @@ def _run(configs, workdirs, vmapped: bool, group_dir: str | None = None):
         dt = (time.time() - window_t) / window_steps
         window_t, window_steps = time.time(), 0
         do_eval = step % eval_every == 0 or is_last
-        evals = (evaluate(eval_fn, params, eval_batches, setup.summarize, members=members)
-                 if do_eval else None)
+        evals = (evaluate(eval_fn, params, eval_batches, setup.summarize, members=members,
+                          fetch=fetch) if do_eval else None)
         rate = units * (members or 1) / dt if dt > 0 else 0.0
         for i, rd in enumerate(rds):
           if failed[i]:
@@ -344,7 +433,7 @@ def _run(configs, workdirs, vmapped: bool, group_dir: str | None = None):
             row["train/loss_mean"] = float(ml[i] if vmapped else ml)
           if on_gpu:
             row["throughput/mfu"] = rate * setup.train_flops_per_unit / (
-                H100_BF16_PEAK * jax.device_count())
+                H100_BF16_PEAK * (jax.device_count() if layout is None else layout.mesh.size))
           if evals is not None:
             last_eval[i] = evals[i] if vmapped else evals
             row.update(last_eval[i])
@@ -378,10 +467,11 @@ def _run(configs, workdirs, vmapped: bool, group_dir: str | None = None):
   manager.close()
   test_evals = None
   if setup.test_batches is not None:
-    test_batches = ([_stack(bs) for bs in zip(*[s.test_batches for s in setups])]
-                    if vmapped else list(setup.test_batches))
+    test_batches = [place(b) for b in (
+        [_stack(bs) for bs in zip(*[s.test_batches for s in setups])]
+        if vmapped else list(setup.test_batches))]
     test_evals = evaluate(eval_fn, params, test_batches, setup.summarize, prefix="test",
-                          members=members)
+                          members=members, fetch=fetch)
   for i, rd in enumerate(rds):
     if failed[i]:
       rd.close()
@@ -412,16 +502,27 @@ def main(argv=None):
   flags.DEFINE_string("workdir", None, "Run directory (created; resumed if it has checkpoints).")
   flags.DEFINE_string("compilation_cache", "~/.cache/structattn/jax", "Persistent JAX "
                       "compilation cache directory ('' to disable).")
+  flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"], "jax.distributed: auto "
+                    "(when coordinator flags are given or SLURM / Open MPI / a TPU pod is "
+                    "detected), on (always, cluster auto-detected by jax) or off.")
+  flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-host).")
+  flags.DEFINE_integer("num_processes", None, "Number of processes (multi-host).")
+  flags.DEFINE_integer("process_id", None, "This process's index (multi-host).")
   flags.mark_flags_as_required(["config", "workdir"])
 
   def _main(argv):
     del argv
+    from structattn import distributed
+    F = flags.FLAGS
+    distributed.initialize(F.coordinator_address, F.num_processes, F.process_id,
+                           mode=F.distributed)  # before anything touches the devices
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
     from structattn.sweep import enable_compilation_cache
-    enable_compilation_cache(flags.FLAGS.compilation_cache or None)
-    result = train(flags.FLAGS.config, flags.FLAGS.workdir)
-    print({k: v for k, v in result.items()
-           if k == "status" or k.startswith(("final/", "test/")) or k == result.get("unit")})
+    enable_compilation_cache(F.compilation_cache or None)
+    result = train(F.config, F.workdir)
+    if jax.process_index() == 0:
+      print({k: v for k, v in result.items()
+             if k == "status" or k.startswith(("final/", "test/")) or k == result.get("unit")})
 
   app.run(_main, argv=argv)
 

@@ -6,9 +6,17 @@ q/k features come from one feature module per level (features.py), are QK-LayerN
 (weights shared across heads; jointly over the concatenated head width, or per level),
 scaled per level (scale_for_width), and handed with V = x W_V to an attention core
 (core.py) chosen by `impl`.  The output projection is zero-initialised (muP).
+
+Sharding (structattn.sharding): under an active layout q, k, v and the core's output are
+constrained to (batch, seq, heads, -): batch and heads are split over devices, T never, so
+every core (dense, MLR blocks, sliding window) runs locally on its shard.  With heads split,
+the fused Q|K|V kernel (stored as (D, [q heads | k heads | v heads])) is used through its
+head-major view (D, H, 2 d_qk + d_head), so each shard projects only its own heads.
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -20,6 +28,7 @@ from structattn.attention.rope import apply_rope
 from structattn.attention.features import FEATURES
 from structattn.attention.spec import IMPLS, AttentionSpec
 from structattn.linear import Dense
+from structattn.sharding import constrain, local, shards
 
 
 def layer_norm(x, weight, eps: float = 1e-6):
@@ -50,7 +59,7 @@ class Attention(nnx.Module):
       # Plain low-rank levels (MHA, SWA, GSWA, sequence MLR): one fused Q|K|V projection;
       # a head's q/k is the concatenation of its levels' features (same maps and init).
       self.wqkv = Dense(spec.d_model, 2 * spec.num_heads * spec.d_qk + hv, rngs=rngs,
-                        dtype=dtype)
+                        dtype=dtype, axes=("embed", "qkv"))
       self.features = self.wv = None
     else:
       self.wqkv = None
@@ -60,13 +69,14 @@ class Attention(nnx.Module):
         kwargs = {"rms_cap": spec.btt_rms_cap} if lv.kind == "btt" else {}
         feats.append(cls(lv, spec.d_model, spec.num_heads, rngs=rngs, dtype=dtype, **kwargs))
       self.features = nnx.List(feats)
-      self.wv = Dense(spec.d_model, hv, rngs=rngs, dtype=dtype)
+      self.wv = Dense(spec.d_model, hv, rngs=rngs, dtype=dtype, axes=("embed", "heads"))
     if spec.qk_norm and spec.norm != "none":
       self.q_norm = nnx.Param(jnp.ones((spec.d_qk,), jnp.float32))
       self.k_norm = nnx.Param(jnp.ones((spec.d_qk,), jnp.float32))
     else:
       self.q_norm = self.k_norm = None
-    self.wo = Dense(hv, spec.d_model, rngs=rngs, dtype=dtype, zero_init=zero_init_out)
+    self.wo = Dense(hv, spec.d_model, rngs=rngs, dtype=dtype, zero_init=zero_init_out,
+                    axes=("heads", "embed"))
 
   # -- pieces ---------------------------------------------------------------------------
 
@@ -85,7 +95,9 @@ class Attention(nnx.Module):
 
     With rope, q and k are rotated per level segment by `positions_BT` (default 0..T-1)."""
     h, dqk, dh = self.spec.num_heads, self.spec.d_qk, self.spec.d_head
-    if self.wqkv is not None:
+    if self.wqkv is not None and shards("heads") > 1:
+      q_BTHK, k_BTHK, v = self._qkv_head_major(x_BTD)
+    elif self.wqkv is not None:
       y = self.wqkv(x_BTD)
       lead = y.shape[:-1]
       q_BTHK = y[..., :h * dqk].reshape(*lead, h, dqk)
@@ -109,12 +121,27 @@ class Attention(nnx.Module):
     v_BTHV = v.reshape(*v.shape[:-1], h, dh)
     return q_BTHK, k_BTHK, v_BTHV
 
+  def _qkv_head_major(self, x_BTD):
+    """The fused projection through the kernel's head-major view, split over heads."""
+    h, dqk, dh = self.spec.num_heads, self.spec.d_qk, self.spec.d_head
+    w = self.wqkv.kernel[...]
+    d = w.shape[0]
+    w_DHK = jnp.concatenate([w[:, :h * dqk].reshape(d, h, dqk),
+                             w[:, h * dqk:2 * h * dqk].reshape(d, h, dqk),
+                             w[:, 2 * h * dqk:].reshape(d, h, dh)], axis=-1)
+    w_DHK = constrain(w_DHK, (None, "heads", None))
+    dt = self.wqkv.dtype
+    y = jnp.einsum("...d,dhk->...hk", x_BTD.astype(dt), w_DHK.astype(dt))
+    return y[..., :dqk], y[..., dqk:2 * dqk], y[..., 2 * dqk:].reshape(*y.shape[:-2], h * dh)
+
   def __call__(self, x_BTD, impl: str | None = None):
     impl = impl or self.spec.impl
     if impl not in IMPLS:
       raise ValueError(f"attention.impl={impl!r} is invalid: allowed values are {IMPLS}")
-    q, k, v = self.qkv(x_BTD)
-    out_BTHV = core.attention(q, k, v, self.pattern, impl)
+    names = ("batch", "seq", "heads", None)
+    q, k, v = (constrain(a, names) for a in self.qkv(x_BTD))
+    attend = local(functools.partial(core.attention, pattern=self.pattern, impl=impl), names)
+    out_BTHV = constrain(attend(q, k, v), names)
     return self.wo(out_BTHV.reshape(*out_BTHV.shape[:-2], -1))
 
   # -- KV-cache decoding (causal) -------------------------------------------------------

@@ -6,6 +6,10 @@ Per-layer patterns: `model.attention_pattern='mha|swa|swa'` cycles variants over
 (each variant takes its options from the `attention` config section).  Positions: learned
 absolute embeddings (the paper), rotary (`pos='rope'`, per level segment) or none.  Head: untied (zero init, muP) or tied
 to the token embedding.  Compute dtype `model.dtype` (bf16 on GPU), parameters float32.
+
+Sharding (structattn.sharding): parameters carry logical axis names (embed, mlp, vocab, heads)
+and activations are constrained to (batch, seq, act_embed | mlp | vocab) when a layout is
+active; without one the model runs exactly as unsharded.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from flax import nnx
 from structattn.attention import Attention, AttentionSpec, from_config
 from structattn.attention.layer import layer_norm
 from structattn.linear import Dense
+from structattn.sharding import constrain, param
 
 POSITIONS = ("learned", "rope", "none")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float64": jnp.float64}
@@ -58,11 +63,12 @@ class LayerNorm(nnx.Module):
 
 class MLP(nnx.Module):
   def __init__(self, d: int, hidden: int, *, rngs: nnx.Rngs, dtype):
-    self.up = Dense(d, hidden, rngs=rngs, dtype=dtype)
-    self.down = Dense(hidden, d, rngs=rngs, dtype=dtype, zero_init=True)
+    self.up = Dense(d, hidden, rngs=rngs, dtype=dtype, axes=("embed", "mlp"))
+    self.down = Dense(hidden, d, rngs=rngs, dtype=dtype, zero_init=True, axes=("mlp", "embed"))
 
   def __call__(self, x):
-    return self.down(jax.nn.gelu(self.up(x)))
+    h = constrain(self.up(x), ("batch", "seq", "mlp"))
+    return self.down(jax.nn.gelu(h))
 
 
 class Block(nnx.Module):
@@ -117,16 +123,19 @@ class GPT(nnx.Module):
   def __init__(self, cfg: GPTConfig, *, rngs: nnx.Rngs):
     self.cfg = cfg
     d = cfg.d_model
-    self.embed = nnx.Param(jax.random.normal(rngs.params(), (cfg.vocab_size, d)) * 0.02)
+    self.embed = param(jax.random.normal(rngs.params(), (cfg.vocab_size, d)) * 0.02,
+                       ("vocab", "embed"))
     if cfg.pos == "learned":
-      self.pos = nnx.Param(jax.random.normal(rngs.params(), (cfg.seq_len, d)) * 0.02)
+      self.pos = param(jax.random.normal(rngs.params(), (cfg.seq_len, d)) * 0.02,
+                       (None, "embed"))
     else:
       self.pos = None
     self.blocks = nnx.List([Block(s, cfg.d_mlp, rngs=rngs, dtype=cfg.dtype,
                                   rope=cfg.pos == "rope") for s in cfg.specs])
     self.ln_f = LayerNorm(d)
     self.head = None if cfg.tie_embeddings else Dense(d, cfg.vocab_size, rngs=rngs,
-                                                      dtype=cfg.dtype, zero_init=True)
+                                                      dtype=cfg.dtype, zero_init=True,
+                                                      axes=("embed", "vocab"))
 
   def embed_tokens(self, tokens_BT, start=0):
     x_BTD = jnp.take(self.embed[...], tokens_BT, axis=0)
@@ -139,17 +148,20 @@ class GPT(nnx.Module):
   def logits(self, x_BTD):
     x = self.ln_f(x_BTD, self.cfg.dtype)
     if self.head is None:
-      return jnp.einsum("btd,vd->btv", x, self.embed[...].astype(self.cfg.dtype))
-    return self.head(x)
+      out = jnp.einsum("btd,vd->btv", x, self.embed[...].astype(self.cfg.dtype))
+    else:
+      out = self.head(x)
+    return constrain(out, ("batch", "seq", "vocab"))
 
   def __call__(self, tokens_BT):
     if tokens_BT.shape[1] > self.cfg.seq_len and self.pos is not None:
       raise ValueError(f"sequence length {tokens_BT.shape[1]} exceeds model.seq_len="
                        f"{self.cfg.seq_len} (learned positions); use model.pos='none' to "
                        f"run at other lengths")
-    x_BTD = self.embed_tokens(tokens_BT)
+    act = ("batch", "seq", "act_embed")
+    x_BTD = constrain(self.embed_tokens(tokens_BT), act)
     for block in self.blocks:
-      x_BTD = block(x_BTD)
+      x_BTD = constrain(block(x_BTD), act)
     return self.logits(x_BTD)
 
   # --- cached decoding ------------------------------------------------------------------
