@@ -91,8 +91,13 @@ def sweep_scaling(scale: str) -> ml_collections.ConfigDict:
     widths, lrs = PAPER_WIDTHS, (1e-3, 3e-3, 1e-2)
     variants = PAPER_VARIANTS
   c.sweep_name = f"lm-scaling-{scale}"
-  c.sweep = [{"attention.variant": v, "model.d_model": w, "train.lr": lr,
-              **({} if scale == "tiny" else {"attention.num_heads": w // 64})}
+  def per_width(w):  # heads (paper: d_head 64) and MLR ranks summing to the head width
+    if scale == "tiny":
+      h = w // 2
+      return {"attention.mlr_ranks": (h // 2, h // 4, h // 8, h // 8)}
+    return {"attention.num_heads": w // 64}
+
+  c.sweep = [{"attention.variant": v, "model.d_model": w, "train.lr": lr, **per_width(w)}
              for v in variants for w in widths for lr in lrs]
   return c
 

@@ -56,3 +56,19 @@ def test_reproduce_errors(tmp_path, capsys):
     reproduce.reproduce("icr-head-dim", "huge", str(tmp_path))
   with pytest.raises(SystemExit):
     reproduce.main(["nope"])
+
+
+@pytest.mark.parametrize("figure", ["icr-head-dim", "icr-compute", "lm-scaling"])
+@pytest.mark.parametrize("scale", ["tiny", "paper"])
+def test_every_sweep_point_has_a_valid_attention_spec(figure, scale):
+  """Catch invalid points (e.g. MLR ranks that do not sum to the head width) before a sweep."""
+  from structattn import sweep
+  from structattn.attention import from_config
+  file, preset, _ = reproduce.FIGURES[figure]
+  config = reproduce.load_preset(file, f"{preset}-{scale}")
+  pts = sweep.points(config)
+  assert len(pts) >= 3
+  for name, c in pts:
+    seq = c.model.seq_len if "seq_len" in c.model else 2 * (c.icr.n_points or 2 * c.icr.d_input)
+    spec = from_config(c.attention.to_dict(), d_model=c.model.d_model, seq_len=seq)
+    assert spec.d_model == c.model.d_model, name
