@@ -246,7 +246,8 @@ SCALES = ("tiny", "paper")
 
 def reproduce(figure: str, scale: str, workdir: str, parallel: int = 1, vmap: bool = True,
               overrides: Mapping[str, Any] | None = None, analyze_only: bool = False,
-              cache_dir: str | None = "~/.cache/structattn/jax") -> dict[str, Any]:
+              cache_dir: str | None = "~/.cache/structattn/jax",
+              only: Sequence[str] = ()) -> dict[str, Any]:
   """Run the figure's sweep (unless analyze_only), then its analysis; returns the summary."""
   if figure not in FIGURES:
     raise ValueError(f"figure={figure!r} is invalid: allowed values are {sorted(FIGURES)}")
@@ -264,7 +265,7 @@ def reproduce(figure: str, scale: str, workdir: str, parallel: int = 1, vmap: bo
       config = sweep_lib.apply_overrides(config, overrides)
       config.sweep = base_sweep
     statuses = sweep_lib.run_sweep(config, str(runs), parallel=parallel, vmap=vmap,
-                                   cache_dir=cache_dir)
+                                   cache_dir=cache_dir, only=only)
   out.mkdir(parents=True, exist_ok=True)
   summary = analyze(runs, out)
   summary.update(scale=scale, points=statuses or None)
@@ -294,13 +295,16 @@ def main(argv: Sequence[str] | None = None) -> int:
   p.add_argument("--parallel", type=int, default=1)
   p.add_argument("--no-vmap", action="store_true", help="one process per seed / LR")
   p.add_argument("--analyze-only", action="store_true", help="redraw from existing runs")
+  p.add_argument("--only", default="", help="comma-separated substrings: run only the points "
+                 "whose names contain one")
   p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                  help="override a base-config field for every point (JSON values)")
   a = p.parse_args(argv)
   workdir = a.workdir or f"runs/{a.figure}-{a.scale}"
   try:
     summary = reproduce(a.figure, a.scale, workdir, a.parallel, not a.no_vmap,
-                        _parse_set(a.set), a.analyze_only)
+                        _parse_set(a.set), a.analyze_only,
+                        only=[s for s in a.only.split(",") if s])
   except (ValueError, FileNotFoundError) as e:
     print(f"structattn-reproduce: error: {e}", file=sys.stderr)
     return 1

@@ -183,20 +183,23 @@ def groups(pts: Sequence[tuple[str, ml_collections.ConfigDict]], vmap: bool) -> 
 
 def run_sweep(config: ml_collections.ConfigDict, workdir: str, parallel: int = 1,
               dry_run: bool = False, vmap: bool = False,
-              cache_dir: str | None = DEFAULT_CACHE) -> dict[str, str]:
-  """Run the pending points of a sweep; returns {point name: status}."""
+              cache_dir: str | None = DEFAULT_CACHE,
+              only: Sequence[str] = ()) -> dict[str, str]:
+  """Run the pending points of a sweep; returns {point name: status}.  `only`: run just the
+  points whose names contain one of these substrings (the others keep their status)."""
   if parallel < 1:
     raise ValueError(f"--parallel={parallel} is invalid: must be >= 1")
   root = Path(workdir)
   pts = points(config)
   before = {n: status_of(root / n) for n, _ in pts}
-  todo = [i for i, (n, _) in enumerate(pts) if before[n] != "completed"]
+  todo = [i for i, (n, _) in enumerate(pts) if before[n] != "completed"
+          and (not only or any(s in n for s in only))]
   manifest = {"sweep_name": config.get("sweep_name", ""), "points": [
       {"name": n, "overrides": dict(o), "status": before[n]}
       for (n, _), o in zip(pts, config.sweep)]}
   if dry_run:
-    for n, _ in pts:
-      print(f"{'skip' if before[n] == 'completed' else 'run '}  {n}  ({before[n]})")
+    for i, (n, _) in enumerate(pts):
+      print(f"{'run ' if i in todo else 'skip'}  {n}  ({before[n]})")
     return before
   root.mkdir(parents=True, exist_ok=True)
   jobs = [[i for i in g if i in todo] for g in groups(pts, vmap)]
@@ -236,6 +239,7 @@ def main(argv=None):
   flags.DEFINE_bool("vmap", False, "Vmap points that differ only in seed and train.lr.")
   flags.DEFINE_string("compilation_cache", DEFAULT_CACHE, "Persistent compilation cache "
                       "directory ('' to disable).")
+  flags.DEFINE_list("only", [], "Run only points whose names contain one of these substrings.")
   flags.mark_flags_as_required(["config", "workdir"])
 
   def _main(argv):
@@ -243,7 +247,7 @@ def main(argv=None):
     logging.set_verbosity(logging.WARNING)
     f = flags.FLAGS
     statuses = run_sweep(f.config, f.workdir, f.parallel, f.dry_run, f.vmap,
-                         f.compilation_cache or None)
+                         f.compilation_cache or None, only=f.only)
     if not f.dry_run:
       counts: dict[str, int] = {}
       for s in statuses.values():
