@@ -133,18 +133,9 @@ def tiny(variant: str = "mha") -> ml_collections.ConfigDict:
   return c
 
 
-def _flat(d, prefix=""):
-  out = {}
-  for k, v in d.items():
-    if isinstance(v, dict):
-      out.update(_flat(v, f"{prefix}{k}."))
-    else:
-      out[f"{prefix}{k}"] = v
-  return out
-
-
 def _diff(base, other) -> dict:
-  b, o = _flat(base.to_dict()), _flat(other.to_dict())
+  from structattn.results import flatten
+  b, o = flatten(base.to_dict()), flatten(other.to_dict())
   return {k: v for k, v in o.items() if b.get(k) != v}
 
 
