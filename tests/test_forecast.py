@@ -12,6 +12,7 @@ from flax import nnx
 
 from configs import forecast as fc_configs
 from structattn import tasks as tasks_lib
+from structattn.results import flatten
 from structattn import train as train_lib
 from structattn.forecast import data as fdata
 
@@ -192,7 +193,7 @@ def test_presets_and_sweeps():
     fc_configs.get_config("etth1-100")
   for name in ("sweep-table-tiny", "sweep-table-paper"):
     s = fc_configs.get_config(name)
-    flat = fc_configs._flat(s.to_dict())
+    flat = flatten(s.to_dict())
     assert s.sweep_name and len(s.sweep) >= 12
     for point in s.sweep:
       assert set(point) <= set(flat), set(point) - set(flat)
