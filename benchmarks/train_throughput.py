@@ -9,6 +9,14 @@ input pipeline is not measured).  One train step = the library's jitted `train_s
 donation.  MFU = tokens/s x true training FLOPs per token (6 x forward MACs with causal pair
 counts, LM head included; `structattn.flops.model_flops`) / (989 TFLOP/s x devices).
 Prints one table and writes JSON (default benchmarks/results/train-<backend>.json).
+
+    python benchmarks/train_throughput.py --variants mha --mesh 1,1,1     # sharded-path cost
+    python benchmarks/train_throughput.py --variants mha --mesh 2,1,1     # 2 GPUs, data parallel
+
+`--mesh data,fsdp,tensor` times the unsharded step on one device and the sharded step
+(`structattn.sharding`, `train.ShardedStep`) on that mesh in the same run, in alternating rounds,
+with args.batch sequences per batch shard; it reports the overhead (mesh of one device) or the
+scaling efficiency (tokens/s per device against the one-device unsharded step).
 """
 
 from __future__ import annotations
@@ -17,6 +25,7 @@ import argparse
 import datetime
 import functools
 import json
+import math
 import statistics
 import sys
 import time
@@ -29,9 +38,10 @@ from flax import nnx
 
 from configs import lm as lm_configs
 from structattn import flops as flops_lib
+from structattn import sharding
 from structattn.models.gpt import GPT, GPTConfig, param_counts
 from structattn.optim import make_optimizer
-from structattn.train import H100_BF16_PEAK, train_step
+from structattn.train import H100_BF16_PEAK, ShardedStep, shard_state, train_step
 
 VARIANTS = {
     "mha": dict(variant="mha"),
@@ -50,42 +60,93 @@ def config_for(variant, args):
   return c
 
 
+class Runner:
+  """One jitted train step (unsharded, or on a (data, fsdp, tensor) mesh) and its state.
+
+  On a mesh the global batch is args.batch sequences per batch shard (weak scaling), placed
+  with `Layout.put_batch`; the step is `structattn.train.ShardedStep` (in/out shardings,
+  donation).  With `mesh` of size 1 this is the sharded code path on one device."""
+
+  def __init__(self, variant, args, mesh=None):
+    self.variant, self.mesh = variant, mesh
+    config = config_for(variant, args)
+    cfg = GPTConfig.from_config(config, args.vocab)
+    model = GPT(cfg, rngs=nnx.Rngs(0))
+    self.counts = param_counts(model)
+    graphdef, params_state, rest = nnx.split(model, nnx.Param, ...)
+    params = nnx.to_pure_dict(params_state)
+    tx, _ = make_optimizer(config.train, params_state)
+    opt_state = tx.init(params)
+    fn = functools.partial(train_step, graphdef=graphdef, rest=rest, tx=tx, accum=1)
+    self.layout = None
+    shards = 1
+    if mesh is not None:
+      devices = jax.devices()[:math.prod(mesh)]
+      self.layout = sharding.Layout(sharding.make_mesh(mesh, devices=devices))
+      shards = self.layout.size("batch")
+    self.devices = 1 if mesh is None else math.prod(mesh)
+    self.batch_size = args.batch * shards
+    rng = np.random.default_rng(0)
+    toks = rng.integers(0, args.vocab, size=(self.batch_size, args.seq_len + 1), dtype=np.int32)
+    batch = {"inputs": toks[:, :-1], "targets": toks[:, 1:]}
+    if self.layout is None:
+      self.step = jax.jit(fn, donate_argnums=(0, 1))
+      batch = jax.tree.map(jnp.asarray, batch)
+    else:
+      params, opt_state, p_sh, o_sh = shard_state(self.layout, params_state, params, opt_state)
+      batch = self.layout.put_batch(batch)
+      self.step = ShardedStep(self.layout, fn, p_sh, o_sh).jit(batch)
+    self.state, self.batch = (params, opt_state), batch
+    self.tokens = self.batch_size * args.seq_len
+    self.fl = flops_lib.model_flops(cfg.specs, cfg.d_model, cfg.d_mlp, args.vocab)
+    self.times, self.metrics = [], None
+
+  def compile(self):
+    t0 = time.time()
+    compiled = self.step.lower(*self.state, self.batch).compile()
+    self.compile_s = time.time() - t0
+    self.step = compiled  # run the AOT executable (no second compile on the first call)
+    mem = compiled.memory_analysis()
+    self.temp_mib = getattr(mem, "temp_size_in_bytes", 0) / 2 ** 20 if mem is not None else None
+    return self
+
+  def run(self, n, timed=True):
+    params, opt_state = self.state
+    for _ in range(n):
+      t = time.perf_counter()
+      params, opt_state, m = self.step(params, opt_state, self.batch)
+      jax.block_until_ready(m)
+      if timed:
+        self.times.append(time.perf_counter() - t)
+    self.state, self.metrics = (params, opt_state), m
+    return self
+
+  def result(self):
+    dt = statistics.median(self.times)
+    tok_s = self.tokens / dt
+    mesh = None if self.mesh is None else dict(zip(sharding.MESH_AXES, self.mesh))
+    return dict(variant=self.variant, mesh=mesh, devices=self.devices, batch=self.batch_size,
+                step_ms=dt * 1e3, tokens_per_s=tok_s, tokens_per_s_per_device=tok_s / self.devices,
+                mfu=tok_s * self.fl["train_flops_per_token"] / (H100_BF16_PEAK * self.devices),
+                train_flops_per_token=self.fl["train_flops_per_token"],
+                paper_macs_per_token=self.fl["paper_macs_per_token"], compile_s=self.compile_s,
+                temp_MiB=self.temp_mib, loss=float(self.metrics["train/loss"]),
+                timed_steps=len(self.times), params=self.counts)
+
+
+def measure(runners, args):
+  """Compile, warm up, then time the runners in alternating rounds (so drift hits all)."""
+  for r in runners:
+    r.compile().run(args.warmup, timed=False)
+  rounds = max(1, args.rounds)
+  for _ in range(rounds):
+    for r in runners:
+      r.run(max(1, args.iters // rounds))
+  return [r.result() for r in runners]
+
+
 def bench(variant, args):
-  config = config_for(variant, args)
-  cfg = GPTConfig.from_config(config, args.vocab)
-  model = GPT(cfg, rngs=nnx.Rngs(0))
-  graphdef, params_state, rest = nnx.split(model, nnx.Param, ...)
-  params = nnx.to_pure_dict(params_state)
-  tx, _ = make_optimizer(config.train, params_state)
-  opt_state = tx.init(params)
-  step = jax.jit(functools.partial(train_step, graphdef=graphdef, rest=rest, tx=tx, accum=1),
-                 donate_argnums=(0, 1))
-  rng = np.random.default_rng(0)
-  toks = rng.integers(0, args.vocab, size=(args.batch, args.seq_len + 1), dtype=np.int32)
-  batch = {"inputs": jnp.asarray(toks[:, :-1]), "targets": jnp.asarray(toks[:, 1:])}
-  t0 = time.time()
-  compiled = step.lower(params, opt_state, batch).compile()
-  compile_s = time.time() - t0
-  mem = compiled.memory_analysis()
-  temp_mib = getattr(mem, "temp_size_in_bytes", 0) / 2 ** 20 if mem is not None else None
-  for _ in range(args.warmup):
-    params, opt_state, m = step(params, opt_state, batch)
-  jax.block_until_ready(m)
-  times = []
-  for _ in range(args.iters):
-    t = time.perf_counter()
-    params, opt_state, m = step(params, opt_state, batch)
-    jax.block_until_ready(m)
-    times.append(time.perf_counter() - t)
-  dt = statistics.median(times)
-  tokens = args.batch * args.seq_len
-  fl = flops_lib.model_flops(cfg.specs, cfg.d_model, cfg.d_mlp, args.vocab)
-  tok_s = tokens / dt
-  return dict(variant=variant, step_ms=dt * 1e3, tokens_per_s=tok_s,
-              mfu=tok_s * fl["train_flops_per_token"] / (H100_BF16_PEAK * jax.device_count()),
-              train_flops_per_token=fl["train_flops_per_token"],
-              paper_macs_per_token=fl["paper_macs_per_token"], compile_s=compile_s,
-              temp_MiB=temp_mib, loss=float(m["train/loss"]), params=param_counts(model))
+  return measure([Runner(variant, args)], args)[0]
 
 
 def main(argv=None):
@@ -99,6 +160,9 @@ def main(argv=None):
   p.add_argument("--dtype", default="auto")
   p.add_argument("--warmup", type=int, default=3)
   p.add_argument("--iters", type=int, default=10)
+  p.add_argument("--rounds", type=int, default=1, help="alternating timing rounds")
+  p.add_argument("--mesh", default="", help="data,fsdp,tensor: also time the sharded step on "
+                 "this mesh (first prod(mesh) devices) against the unsharded one")
   p.add_argument("--out", default="")
   args = p.parse_args(argv)
   cpu = jax.default_backend() == "cpu"
@@ -106,23 +170,35 @@ def main(argv=None):
     args.layers, args.width, args.seq_len, args.vocab, args.iters = 2, 128, 256, 512, 2
   args.batch = args.batch or (2 if cpu else 16)
   rows = []
+  mesh = tuple(int(x) for x in args.mesh.split(",")) if args.mesh else None
   for v in args.variants.split(","):
     try:
-      rows.append(bench(v.strip(), args))
+      if mesh is None:
+        rows.append(bench(v.strip(), args))
+      else:
+        base, sharded = measure([Runner(v.strip(), args), Runner(v.strip(), args, mesh)], args)
+        ratio = base["tokens_per_s"] / sharded["tokens_per_s_per_device"]
+        sharded["vs_unsharded"] = dict(
+            overhead=ratio - 1.0 if sharded["devices"] == 1 else None,
+            scaling_efficiency=1.0 / ratio)
+        rows += [base, sharded]
     except Exception as e:  # noqa: BLE001  (record and continue)
       rows.append(dict(variant=v, error=f"{type(e).__name__}: {str(e)[:300]}"))
-    r = rows[-1]
-    print(json.dumps({k: v for k, v in r.items() if k != "params"}), flush=True)
+    for r in rows[-2 if mesh else -1:]:
+      print(json.dumps({k: v for k, v in r.items() if k != "params"}), flush=True)
   dev = jax.devices()[0]
   print(f"\n{getattr(dev, 'device_kind', dev.platform)}, jax {jax.__version__}, "
         f"{args.layers} layers x {args.width}, T={args.seq_len}, batch {args.batch}")
-  print(f"{'variant':8s} {'step_ms':>9s} {'tokens/s':>10s} {'MFU':>6s} {'compile_s':>9s}")
+  print(f"{'variant':8s} {'mesh':>8s} {'step_ms':>9s} {'tokens/s':>10s} {'per dev':>10s} "
+        f"{'MFU':>6s} {'compile_s':>9s}")
   for r in rows:
     if "error" in r:
       print(f"{r['variant']:8s} error: {r['error']}")
     else:
-      print(f"{r['variant']:8s} {r['step_ms']:9.1f} {r['tokens_per_s']:10.0f} "
-            f"{100 * r['mfu']:5.1f}% {r['compile_s']:9.1f}")
+      m = "-" if not r.get("mesh") else ",".join(str(x) for x in r["mesh"].values())
+      print(f"{r['variant']:8s} {m:>8s} {r['step_ms']:9.1f} {r['tokens_per_s']:10.0f} "
+            f"{r['tokens_per_s_per_device']:10.0f} {100 * r['mfu']:5.1f}% {r['compile_s']:9.1f}"
+            + (f"  vs unsharded: {r['vs_unsharded']}" if r.get("vs_unsharded") else ""))
   out = Path(args.out or f"benchmarks/results/train-{jax.default_backend()}.json")
   out.parent.mkdir(parents=True, exist_ok=True)
   out.write_text(json.dumps(dict(

@@ -3,6 +3,11 @@
 Async saves through `ocp.CheckpointManager`, the last N kept.  A checkpoint is only
 visible once fully written, so a run killed mid-save resumes from the previous one.  A
 checkpoint that cannot be read raises `CorruptCheckpointError` naming the directory.
+
+Sharded state (docs/scaling-out.md): each process writes the shards of the arrays it holds
+(every process calls `save`); `restore_latest` reads onto the shardings of the templates it is
+given (or explicit `shardings`), so a checkpoint written on one mesh restores on any other:
+other device counts, fsdp -> data, several GPUs -> one GPU or the CPU.
 """
 
 from __future__ import annotations
@@ -37,12 +42,20 @@ class Manager:
   def latest_step(self) -> int | None:
     return self.mgr.latest_step()
 
-  def restore_latest(self, params, opt_state):
-    """(step, params, opt_state, data_state) of the newest checkpoint, or None."""
+  def restore_latest(self, params, opt_state, shardings=None):
+    """(step, params, opt_state, data_state) of the newest checkpoint, or None.
+
+    The arrays come back with the shapes, dtypes and shardings of `params` / `opt_state`
+    (arrays or ShapeDtypeStructs), or on `shardings` = (param shardings, opt_state shardings)
+    when given, whatever mesh wrote them."""
     step = self.mgr.latest_step()
     if step is None:
       return None
     target = _abstract({"params": params, "opt_state": opt_state})
+    if shardings is not None:
+      target = jax.tree.map(
+          lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), target,
+          {"params": shardings[0], "opt_state": shardings[1]})
     try:
       out = self.mgr.restore(step, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()))

@@ -27,6 +27,7 @@ import contextlib
 import dataclasses
 import functools
 import math
+import threading
 from typing import Any, Iterator, Sequence
 
 import jax
@@ -162,7 +163,12 @@ def from_config(config, force: bool = False) -> "Layout | None":
 
 # ---------------------------------------------------------------------------------- layout
 
-_ACTIVE: list["Layout"] = []
+class _Active(threading.local):
+  def __init__(self):
+    self.stack: list[Layout] = []
+
+
+_ACTIVE = _Active()  # per thread: programs may be traced concurrently
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -291,11 +297,11 @@ class Layout:
   @contextlib.contextmanager
   def activate(self) -> Iterator["Layout"]:
     """Make `constrain` annotate activations with this layout (while tracing)."""
-    _ACTIVE.append(self)
+    _ACTIVE.stack.append(self)
     try:
       yield self
     finally:
-      _ACTIVE.pop()
+      _ACTIVE.stack.pop()
 
   def traced(self, fn):
     """fn with this layout active while it is traced (wrap before jax.jit / jax.vmap)."""
@@ -322,7 +328,7 @@ def _keys(path) -> tuple:
 
 
 def active() -> Layout | None:
-  return _ACTIVE[-1] if _ACTIVE else None
+  return _ACTIVE.stack[-1] if _ACTIVE.stack else None
 
 
 def constrain(x, names: Sequence[str | None]):

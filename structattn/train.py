@@ -247,14 +247,18 @@ class ShardedStep:
     self.layout, self.fn, self.p_sh, self.o_sh = layout, fn, p_sh, o_sh
     self.jitted = None
 
-  def __call__(self, params, opt_state, batch):
+  def jit(self, batch):
+    """The jitted step for batches sharded like `batch` (built once)."""
     if self.jitted is None:
       b_sh = jax.tree.map(lambda x: x.sharding, batch)
       self.jitted = jax.jit(self.layout.traced(self.fn),
                             in_shardings=(self.p_sh, self.o_sh, b_sh),
                             out_shardings=(self.p_sh, self.o_sh, self.layout.replicated),
                             donate_argnums=(0, 1))
-    return self.jitted(params, opt_state, batch)
+    return self.jitted
+
+  def __call__(self, params, opt_state, batch):
+    return self.jit(batch)(params, opt_state, batch)
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
