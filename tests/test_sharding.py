@@ -283,3 +283,52 @@ def test_manager_restores_onto_given_shardings(tmp_path):
     np.testing.assert_array_equal(np.asarray(p["w"]), x)
     np.testing.assert_array_equal(np.asarray(o["mu"]), x + 1)
     assert int(o["count"]) == 3
+
+
+def test_two_processes_resume_exactly(corpus, tmp_path):
+  """The multi-host path on one machine: two processes (jax.distributed with explicit
+  coordinator flags, gloo CPU collectives) x 2 devices, mesh data 2 x tensor 2 (tensor within
+  a host), each loading its own data shard.  Resumed from its step-3 checkpoint, the run ends
+  exactly where the uninterrupted run ends; only process 0 prints and writes."""
+  import os
+  import socket
+  import subprocess
+  import sys
+  from pathlib import Path
+  from structattn import lm_data
+  root = Path(__file__).resolve().parents[1]
+  lm_data.build(lm_run_config(corpus, 1))  # prepare the dataset once, before the launch
+
+  def launch(workdir, steps):
+    with socket.socket() as s:
+      s.bind(("localhost", 0))
+      port = s.getsockname()[1]
+    env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo",
+               XLA_FLAGS="--xla_force_host_platform_device_count=2", PYTHONPATH=str(root))
+    cmd = [sys.executable, "-m", "structattn.train", f"--config={root}/configs/lm.py:tiny-mlr",
+           f"--workdir={workdir}", f"--config.data.corpus={corpus}",
+           f"--config.data.data_dir={corpus.parent / 'tfds'}", "--config.model.d_model=32",
+           "--config.model.seq_len=64", "--config.model.dtype=float32",
+           "--config.attention.num_heads=2", f"--config.train.steps={steps}",
+           "--config.train.batch_size=8", "--config.eval.batches=1", "--config.eval.batch_size=8",
+           "--config.log_every=3", "--config.checkpoint_every=3", "--config.progress=False",
+           "--config.mesh.data=-1", "--config.mesh.tensor=2", "--compilation_cache=",
+           f"--coordinator_address=localhost:{port}", "--num_processes=2"]
+    procs = [subprocess.Popen(cmd + [f"--process_id={i}"], env=env, cwd=root,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for i in range(2)]
+    outs = [p.communicate(timeout=240)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs[0][-3000:] + outs[1][-3000:]
+    assert "'status': 'completed'" in outs[0] and "'status'" not in outs[1]  # process 0 prints
+    return json.loads((Path(workdir) / "result.json").read_text())
+
+  full = launch(tmp_path / "full", 6)
+  assert full["mesh"]["shape"] == {"data": 2, "fsdp": 1, "tensor": 2}
+  # the state after step 3: the run directory without the step-6 checkpoint and result
+  shutil.copytree(tmp_path / "full", tmp_path / "resumed")
+  shutil.rmtree(tmp_path / "resumed" / "checkpoints" / "6")
+  (tmp_path / "resumed" / "result.json").unlink()
+  resumed = launch(tmp_path / "resumed", 6)
+  assert resumed["resumed_from"] == 3
+  assert resumed["final/train_loss"] == full["final/train_loss"]
+  assert resumed["final/eval_loss"] == full["final/eval_loss"]
