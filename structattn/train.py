@@ -201,6 +201,17 @@ def _finished(result, config) -> bool:
   return int(result.get("train/steps", 0)) >= int(config.train.steps)
 
 
+def _build_setups(configs):
+  """The tasks (model and data).  With several processes, process 0 prepares the data first
+  (a dataset on a shared filesystem is built once, not by every host at the same time)."""
+  if jax.process_count() == 1:
+    return [tasks_lib.build(c) for c in configs]
+  from jax.experimental import multihost_utils
+  setups = [tasks_lib.build(c) for c in configs] if jax.process_index() == 0 else None
+  multihost_utils.sync_global_devices("structattn: data prepared by process 0")
+  return setups or [tasks_lib.build(c) for c in configs]
+
+
 def _agree(flag: bool) -> bool:
   from structattn.distributed import agree
   return agree(flag)
@@ -287,7 +298,7 @@ def _run(configs, workdirs, vmapped: bool, group_dir: str | None = None):
   previous = [rd.read_json("result.json") for rd in rds]
   if _agree(all(_finished(p, c) for p, c in zip(previous, configs))):
     return previous  # finished: nothing to do
-  setups = [tasks_lib.build(c) for c in configs]  # fails fast on bad data config
+  setups = _build_setups(configs)  # fails fast on bad data config
   resolved = [resolve(c, s) for c, s in zip(configs, setups)]
   setups = [s if int(r.train.steps) == int(c.train.get("steps", 0)) else tasks_lib.build(r)
             for c, r, s in zip(configs, resolved, setups)]  # schedules that need the length
