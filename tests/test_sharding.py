@@ -216,13 +216,18 @@ def lm_run_config(corpus, steps, mesh=(1, 1, 1), devices=0):
 
 
 def test_checkpoint_restores_on_another_mesh_and_training_continues(corpus, tmp_path):
-  """Written at step 5 on 8 devices (data 2, fsdp 4); resumed to step 10 on a 4-device
+  """A run on 8 devices (data 2, fsdp 4), restarted from its step-5 checkpoint on a 4-device
   sub-mesh (data only) and on 8 devices with data parallelism only (fsdp -> data): both end
-  where an uninterrupted unsharded run ends."""
-  full = train_lib.train(lm_run_config(corpus, 10), str(tmp_path / "full"))
-  half = tmp_path / "half"
-  first = train_lib.train(lm_run_config(corpus, 5, (2, 4, 1)), str(half))
-  assert first["mesh"]["shape"] == {"data": 2, "fsdp": 4, "tensor": 1}
+  where the uninterrupted run ends, which is where an unsharded run ends."""
+  unsharded = train_lib.train(lm_run_config(corpus, 10), str(tmp_path / "unsharded"))
+  full = train_lib.train(lm_run_config(corpus, 10, (2, 4, 1)), str(tmp_path / "full"))
+  assert full["mesh"]["shape"] == {"data": 2, "fsdp": 4, "tensor": 1}
+  for key in ("final/train_loss", "final/eval_loss"):
+    assert abs(full[key] - unsharded[key]) <= 1e-5, key
+  half = tmp_path / "half"  # the run directory as it was after step 5
+  shutil.copytree(tmp_path / "full", half)
+  shutil.rmtree(half / "checkpoints" / "10")
+  (half / "result.json").unlink()
   for name, mesh, devices in (("sub4", (4, 1, 1), 4), ("data8", (8, 1, 1), 0)):
     shutil.copytree(half, tmp_path / name)
     r = train_lib.train(lm_run_config(corpus, 10, mesh, devices), str(tmp_path / name))
