@@ -295,8 +295,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   p.add_argument("--parallel", type=int, default=1)
   p.add_argument("--no-vmap", action="store_true", help="one process per seed / LR")
   p.add_argument("--analyze-only", action="store_true", help="redraw from existing runs")
-  p.add_argument("--only", default="", help="comma-separated substrings: run only the points "
-                 "whose names contain one")
+  p.add_argument("--only", action="append", default=[], metavar="SUBSTRING",
+                 help="run only the points whose names contain this substring (repeatable; "
+                 "point names themselves contain commas)")
   p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                  help="override a base-config field for every point (JSON values)")
   a = p.parse_args(argv)
@@ -304,7 +305,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   try:
     summary = reproduce(a.figure, a.scale, workdir, a.parallel, not a.no_vmap,
                         _parse_set(a.set), a.analyze_only,
-                        only=[s for s in a.only.split(",") if s])
+                        only=a.only)
   except (ValueError, FileNotFoundError) as e:
     print(f"structattn-reproduce: error: {e}", file=sys.stderr)
     return 1

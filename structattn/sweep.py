@@ -239,7 +239,8 @@ def main(argv=None):
   flags.DEFINE_bool("vmap", False, "Vmap points that differ only in seed and train.lr.")
   flags.DEFINE_string("compilation_cache", DEFAULT_CACHE, "Persistent compilation cache "
                       "directory ('' to disable).")
-  flags.DEFINE_list("only", [], "Run only points whose names contain one of these substrings.")
+  flags.DEFINE_multi_string("only", [], "Run only points whose names contain this substring "
+                            "(repeatable; point names themselves contain commas).")
   flags.mark_flags_as_required(["config", "workdir"])
 
   def _main(argv):
