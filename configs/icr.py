@@ -56,6 +56,13 @@ def base_config() -> ml_collections.ConfigDict:
   c.checkpoint_every = 1000
   c.keep_checkpoints = 2
   c.progress = True
+  # Scale-out (docs/scaling-out.md): mesh sizes (-1 = the rest; all 1 = one device,
+  # unsharded) and the logical axis rules.
+  c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=1, tensor=1, devices=0,
+                                          axis_types="auto"))
+  c.sharding = ml_collections.ConfigDict(dict(rules=(
+      ("batch", ("data", "fsdp")), ("embed", "fsdp"), ("heads", "tensor"), ("mlp", "tensor"),
+      ("vocab", "tensor"), ("qkv", None), ("seq", None), ("act_embed", None))))
   return c
 
 
@@ -126,7 +133,7 @@ def sweep_compute(scale: str) -> ml_collections.ConfigDict:
     c.train.update(steps=8000, lr=1e-3)
     c.eval.update(every=500)
     widths, lrs = (64, 128, 256), (1e-3,)
-  c.attention.num_heads = 8 if scale != "tiny" else 2
+  c.attention.num_heads = 8  # the paper's MHA and bilinear BTT use 8 heads
   c.sweep_name = f"icr-compute-{scale}"
   c.sweep = [{"attention.variant": v, "model.d_model": w, "attention.bmlr_ranks": bmlr_ranks(w),
               "train.lr": lr}
