@@ -161,21 +161,12 @@ def resolve(config: ml_collections.ConfigDict, setup: tasks_lib.TaskSetup
 _SAME_EXCEPT = ("seed", "train.lr")
 
 
-def _flat(d, prefix=""):
-  out = {}
-  for k, v in d.items():
-    if isinstance(v, dict):
-      out.update(_flat(v, f"{prefix}{k}."))
-    else:
-      out[f"{prefix}{k}"] = v
-  return out
-
-
 def check_group(configs) -> None:
   """Members of one vmapped group may differ only in seed and train.lr."""
-  ref = _flat(configs[0].to_dict())
+  from structattn.results import flatten
+  ref = flatten(configs[0].to_dict())
   for i, c in enumerate(configs[1:], 1):
-    flat = _flat(c.to_dict())
+    flat = flatten(c.to_dict())
     diff = sorted(k for k in set(ref) | set(flat)
                   if k not in _SAME_EXCEPT and ref.get(k) != flat.get(k))
     if diff:
