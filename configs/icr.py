@@ -26,6 +26,8 @@ import itertools
 
 import ml_collections
 
+from structattn import sharding
+
 VARIANTS = ("mha", "bilinear_btt", "bilinear_mlr")
 
 
@@ -56,13 +58,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.checkpoint_every = 1000
   c.keep_checkpoints = 2
   c.progress = True
-  # Scale-out (docs/scaling-out.md): mesh sizes (-1 = the rest; all 1 = one device,
-  # unsharded) and the logical axis rules.
-  c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=1, tensor=1, devices=0,
-                                          axis_types="auto"))
-  c.sharding = ml_collections.ConfigDict(dict(rules=(
-      ("batch", ("data", "fsdp")), ("embed", "fsdp"), ("heads", "tensor"), ("mlp", "tensor"),
-      ("vocab", "tensor"), ("qkv", None), ("seq", None), ("act_embed", None))))
+  # Scale-out (docs/scaling-out.md): mesh sizes data/fsdp/tensor (-1 = the rest of the
+  # devices; all 1 = one device, unsharded), `devices` = use only the first n devices (0 =
+  # all), and the logical axis rules (structattn.sharding.DEFAULT_RULES).
+  c.mesh, c.sharding = sharding.config_sections()
   return c
 
 

@@ -18,6 +18,8 @@ Presets (`get_config(arg)`):
 
 import ml_collections
 
+from structattn import sharding
+
 PAPER_WIDTHS = (256, 384, 512, 768)
 PAPER_VARIANTS = ("mha", "swa", "gswa", "mlr")
 
@@ -50,14 +52,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.checkpoint_every = 250
   c.keep_checkpoints = 3
   c.progress = True
-  # Scale-out (docs/scaling-out.md): mesh sizes (-1 = the rest of the devices; all 1 = one
-  # device, unsharded), `devices` = use only the first n devices (0 = all), and the logical
-  # axis rules (the same as structattn.sharding.DEFAULT_RULES).
-  c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=1, tensor=1, devices=0,
-                                          axis_types="auto"))
-  c.sharding = ml_collections.ConfigDict(dict(rules=(
-      ("batch", ("data", "fsdp")), ("embed", "fsdp"), ("heads", "tensor"), ("mlp", "tensor"),
-      ("vocab", "tensor"), ("qkv", None), ("seq", None), ("act_embed", None))))
+  # Scale-out (docs/scaling-out.md): mesh sizes data/fsdp/tensor (-1 = the rest of the
+  # devices; all 1 = one device, unsharded), `devices` = use only the first n devices (0 =
+  # all), and the logical axis rules (structattn.sharding.DEFAULT_RULES).
+  c.mesh, c.sharding = sharding.config_sections()
   return c
 
 

@@ -53,6 +53,14 @@ DEFAULT_RULES = (
 )
 
 
+def config_sections():
+  """The default `mesh` and `sharding` sections of a run config: one device (unsharded) and
+  `DEFAULT_RULES`.  `configs/*.py` use these so every task scales out the same way."""
+  import ml_collections
+  mesh = ml_collections.ConfigDict(dict(data=1, fsdp=1, tensor=1, devices=0, axis_types="auto"))
+  return mesh, ml_collections.ConfigDict(dict(rules=DEFAULT_RULES))
+
+
 # ------------------------------------------------------------------------------ parameters
 
 
