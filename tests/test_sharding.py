@@ -195,15 +195,6 @@ def test_attention_stays_local_to_its_shard(variant):
 # ------------------------------------------------------------------------- end to end
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-  from structattn.data import text as text_data
-  d = tmp_path_factory.mktemp("corpus")
-  for f in text_data.find_corpus("shakespeare")[:3]:
-    (d / f.name).write_text(f.read_text(errors="replace")[:60_000])
-  return d
-
-
 def lm_run_config(corpus, steps, mesh=(1, 1, 1), devices=0):
   c = model_config("mlr")
   c.data.corpus = str(corpus)

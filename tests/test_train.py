@@ -33,16 +33,6 @@ def tiny_config(tmp_corpus, variant="mha", steps=30):
   return c
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-  """A small real-text corpus: the first 60 kB of three Shakespeare works."""
-  from structattn.data import text as text_data
-  d = tmp_path_factory.mktemp("corpus")
-  for f in text_data.find_corpus("shakespeare")[:3]:
-    (d / f.name).write_text(f.read_text(errors="replace")[:60_000])
-  return d
-
-
 @pytest.mark.parametrize("variant", ["mha", "mlr"])
 def test_tiny_training_lowers_loss_and_writes_rundir(corpus, tmp_path, variant):
   config = tiny_config(corpus, variant)
