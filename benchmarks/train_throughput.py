@@ -2,6 +2,7 @@
 
     python benchmarks/train_throughput.py                       # GPU defaults
     python benchmarks/train_throughput.py --variants mha,mlr --layers 12 --width 768
+    python benchmarks/train_throughput.py --variants mha,mlr,mlr_pallas   # fused MLR kernel
 
 Model: 12 layers, width 768, 12 heads x 64, T=1024, GPT-2 vocabulary (50,257 padded to
 50,304), tied embeddings, bf16 compute with fp32 parameters and AdamW, synthetic tokens (the
@@ -46,13 +47,16 @@ from structattn.train import H100_BF16_PEAK, ShardedStep, shard_state, train_ste
 VARIANTS = {
     "mha": dict(variant="mha"),
     "mlr": dict(variant="mlr", mlr_ranks=(32, 8, 6, 4, 4, 4, 4, 2), mlr_divide="block"),
+    "mlr_pallas": dict(variant="mlr", mlr_ranks=(32, 8, 6, 4, 4, 4, 4, 2), mlr_divide="block",
+                       impl="pallas"),  # the fused Pallas MLR kernel (issue 9)
     "swa": dict(variant="swa", window=512),
     "gswa": dict(variant="gswa", gswa_split=(32, 32), window=512, gswa_combine="sum"),
 }
 
 
 def config_for(variant, args):
-  c = lm_configs.get_config(f"paper-{variant if variant in lm_configs.PAPER_VARIANTS else 'mha'}-768")
+  base = variant.split("_")[0]
+  c = lm_configs.get_config(f"paper-{base if base in lm_configs.PAPER_VARIANTS else 'mha'}-768")
   c.model.update(d_model=args.width, num_layers=args.layers, seq_len=args.seq_len,
                  tie_embeddings=True, dtype=args.dtype)
   c.attention.update(num_heads=args.width // 64, d_head=64, **VARIANTS[variant])
