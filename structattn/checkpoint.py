@@ -34,16 +34,23 @@ class Manager:
                                         create=True)
     self.mgr = ocp.CheckpointManager(self.directory, options=opts)
 
-  def save(self, step: int, params, opt_state, data_state: Any, force: bool = False) -> None:
+  def save(self, step: int, params, opt_state, data_state: Any, force: bool = False,
+           best=None) -> None:
+    """Save (params, opt_state, data_state) and, when given, `best` (a second parameter set:
+    the best-validation parameters of runs that select on a metric)."""
+    state = {"params": params, "opt_state": opt_state}
+    if best is not None:
+      state["best"] = best
     self.mgr.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave({"params": params, "opt_state": opt_state}),
-        data=ocp.args.JsonSave(data_state)), force=force)
+        state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)), force=force)
 
   def latest_step(self) -> int | None:
     return self.mgr.latest_step()
 
-  def restore_latest(self, params, opt_state, shardings=None):
-    """(step, params, opt_state, data_state) of the newest checkpoint, or None.
+  def restore_latest(self, params, opt_state, shardings=None, best=None):
+    """(step, params, opt_state, data_state) of the newest checkpoint, or None; with `best`
+    (a template like params) also the saved best parameters: (step, params, opt_state,
+    data_state, best).
 
     The arrays come back with the shapes, dtypes and shardings of `params` / `opt_state`
     (arrays or ShapeDtypeStructs), or on `shardings` = (param shardings, opt_state shardings)
@@ -51,11 +58,16 @@ class Manager:
     step = self.mgr.latest_step()
     if step is None:
       return None
-    target = _abstract({"params": params, "opt_state": opt_state})
+    tree = {"params": params, "opt_state": opt_state}
+    if best is not None:
+      tree["best"] = best
+    target = _abstract(tree)
     if shardings is not None:
+      shard_tree = {"params": shardings[0], "opt_state": shardings[1]}
+      if best is not None:
+        shard_tree["best"] = shardings[0]
       target = jax.tree.map(
-          lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), target,
-          {"params": shardings[0], "opt_state": shardings[1]})
+          lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), target, shard_tree)
     try:
       out = self.mgr.restore(step, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()))
@@ -65,6 +77,8 @@ class Manager:
           f"{str(e)[:300]}); delete that step's directory to resume from an earlier one, or "
           f"use a fresh --workdir") from e
     state = out["state"]
+    if best is not None:
+      return step, state["params"], state["opt_state"], out["data"], state["best"]
     return step, state["params"], state["opt_state"], out["data"]
 
   def wait(self) -> None:

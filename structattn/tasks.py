@@ -54,6 +54,9 @@ class TaskSetup:
   batch_fn: Callable[[Any, Any], Batch] | None = None  # (seed, step) -> batch, jittable
   test_batches: Sequence[Batch] | None = None  # scored once at the end, keys 'test/...'
   final: Mapping[str, str] = dataclasses.field(default_factory=dict)  # eval key -> result key
+  # The eval metric to minimise when config.eval.select_best is on: the test split is then
+  # scored with the parameters of the best evaluation (early stopping), not the last ones.
+  select: str | None = None
   info: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # extra result.json entries
 
   def __post_init__(self):

@@ -321,9 +321,18 @@ def _run(configs, workdirs, vmapped: bool, group_dir: str | None = None):
   ckpt_dir = Path(group_dir if vmapped else workdirs[0]) / "checkpoints"
   manager = ckpt_lib.Manager(ckpt_dir, keep=config.keep_checkpoints)
   step = 0
-  restored = manager.restore_latest(params, opt_state)
+  # Best-validation selection (eval.select_best and a task metric, e.g. forecasting's
+  # eval/mse): a second parameter set, checkpointed with the state; test metrics use it.
+  select = setup.select if bool(config.eval.get("select_best", False)) else None
+  best_params = jax.tree.map(jnp.copy, params) if select else None
+  best_value, best_step = [math.inf] * len(configs), [0] * len(configs)
+  restored = manager.restore_latest(params, opt_state, best=best_params)
   if restored is not None:
-    step, params, opt_state, data_state = restored
+    step, params, opt_state, data_state = restored[:4]
+    if select:
+      best_params = restored[4]
+      best_value = [float(v) for v in data_state["best_value"]]
+      best_step, data_state = list(data_state["best_step"]), data_state["data"]
     if setup.train_batches is not None:
       for s, st in zip(setups, data_state if vmapped else [data_state]):
         s.train_batches.set_state(st)
@@ -381,9 +390,21 @@ def _run(configs, workdirs, vmapped: bool, group_dir: str | None = None):
 
   def data_state():
     if setup.train_batches is None:
-      return {"step": step}
-    states = [s.train_batches.get_state() for s in setups]
-    return states if vmapped else states[0]
+      state = {"step": step}
+    else:
+      states = [s.train_batches.get_state() for s in setups]
+      state = states if vmapped else states[0]
+    if select:
+      return {"data": state, "best_value": best_value, "best_step": best_step}
+    return state
+
+  def keep_best(params, best_params, improved):
+    """best_params with the improved members' parameters replaced by copies of params."""
+    if not vmapped:
+      return jax.tree.map(jnp.copy, params)
+    mask = jnp.asarray(improved)
+    return jax.tree.map(lambda p, b: jnp.where(mask.reshape((-1,) + (1,) * (p.ndim - 1)), p, b),
+                        params, best_params)
 
   on_gpu = jax.default_backend() == "gpu"
   bar = None
@@ -450,6 +471,13 @@ def _run(configs, workdirs, vmapped: bool, group_dir: str | None = None):
               raise NonFiniteLoss(failed[i])
             results[i].update(status=f"failed: {failed[i]}", wall_time_s=time.time() - t_start)
             rd.write_json("result.json", results[i])
+        if select and evals is not None:
+          improved = [not failed[i] and float(last_eval[i][select]) < best_value[i]
+                      for i in range(len(configs))]
+          if any(improved):
+            best_params = keep_best(params, best_params, improved)
+            for i in np.flatnonzero(improved):
+              best_value[i], best_step[i] = float(last_eval[i][select]), step
         if all(failed):
           raise NonFiniteLoss("every member: " + "; ".join(failed))
         if bar is not None:
@@ -457,9 +485,9 @@ def _run(configs, workdirs, vmapped: bool, group_dir: str | None = None):
       if bar is not None:
         bar.update(n)
       if step % ckpt_every == 0 or is_last:
-        manager.save(step, params, opt_state, data_state())
+        manager.save(step, params, opt_state, data_state(), best=best_params)
   except NonFiniteLoss as e:
-    manager.save(step, params, opt_state, data_state(), force=True)
+    manager.save(step, params, opt_state, data_state(), force=True, best=best_params)
     manager.close()
     for i, rd in enumerate(rds):
       results[i].update(status=f"failed: {failed[i] or e}; stopped after a final checkpoint at "
@@ -476,8 +504,8 @@ def _run(configs, workdirs, vmapped: bool, group_dir: str | None = None):
     test_batches = [place(b) for b in (
         [_stack(bs) for bs in zip(*[s.test_batches for s in setups])]
         if vmapped else list(setup.test_batches))]
-    test_evals = evaluate(eval_fn, params, test_batches, setup.summarize, prefix="test",
-                          members=members, fetch=fetch)
+    test_evals = evaluate(eval_fn, best_params if select else params, test_batches,
+                          setup.summarize, prefix="test", members=members, fetch=fetch)
   for i, rd in enumerate(rds):
     if failed[i]:
       rd.close()
@@ -491,6 +519,9 @@ def _run(configs, workdirs, vmapped: bool, group_dir: str | None = None):
       r[final_key] = last_eval[i].get(key)
     if test_evals is not None:
       r.update(test_evals[i] if vmapped else test_evals)
+    if select:
+      r.update({"select/metric": select, "select/best_step": best_step[i],
+                "select/best_value": best_value[i]})
     rd.write_json("result.json", r)
     rd.close()
   return results

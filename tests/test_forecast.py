@@ -225,3 +225,40 @@ def test_tiny_model_beats_repeat_last(tmp_path):
   rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
   assert rows[-1]["train/loss"] < rows[0]["train/loss"]
   assert "eval/mse" in rows[-1] and rows[-1]["eval/mse_sem"] > 0
+
+
+def test_best_validation_selection_scores_test_with_the_best_parameters(tmp_path):
+  """eval.select_best: test metrics come from the parameters of the best validation MSE; the
+  choice survives a resume (the best parameters are checkpointed)."""
+  c = fc_configs.get_config("tiny")
+  c.progress = False
+  # a high constant LR: validation MSE is not monotone, and a run extended from 30 to 60
+  # steps (below) follows the same schedule as one of 60
+  c.train.update(steps=60, lr=3e-2, schedule="constant")
+  c.eval.update(every=10)
+  c.checkpoint_every = 30
+  res = train_lib.train(c, str(tmp_path / "a"))
+  rows = [json.loads(l) for l in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+  vals = {r["step"]: r["eval/mse"] for r in rows if "eval/mse" in r}
+  best_step = min(vals, key=vals.get)
+  assert res["select/metric"] == "eval/mse" and res["select/best_step"] == best_step
+  assert res["select/best_value"] == pytest.approx(vals[best_step])
+  off = fc_configs.get_config("tiny")
+  off.progress = False
+  off.train.update(steps=60, lr=3e-2, schedule="constant")
+  off.eval.update(every=10, select_best=False)
+  last = train_lib.train(off, str(tmp_path / "b"))
+  assert "select/best_step" not in last
+  if best_step != 60:
+    assert res["test/mse"] != pytest.approx(last["test/mse"], rel=1e-6)
+  # stopped at the first checkpoint and resumed: the same best parameters
+  c2 = fc_configs.get_config("tiny")
+  c2.progress = False
+  c2.train.update(steps=30, lr=3e-2, schedule="constant")
+  c2.eval.update(every=10)
+  c2.checkpoint_every = 30
+  train_lib.train(c2, str(tmp_path / "c"))
+  c2.train.steps = 60
+  resumed = train_lib.train(c2, str(tmp_path / "c"))
+  assert resumed["select/best_step"] == res["select/best_step"]
+  assert resumed["test/mse"] == pytest.approx(res["test/mse"], rel=1e-5)

@@ -101,6 +101,7 @@ def build(config: ml_collections.ConfigDict) -> tasks_lib.TaskSetup:
       paper_macs_per_unit=c * macs["paper"], train_flops_per_unit=6 * c * macs["true_fwd"],
       final={"eval/mse": "final/val_mse", "eval/mae": "final/val_mae",
              "eval/mse_sem": "final/val_mse_sem", "eval/mae_sem": "final/val_mae_sem"},
+      select="eval/mse",
       info={"params/total": counts["total"], "params/non_embedding": counts["non_embedding"],
             "params/encoder": counts["encoder"], "params/head": counts["head"],
             "data/source": splits.source, "data/sha256": splits.sha256,
