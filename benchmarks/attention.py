@@ -179,6 +179,15 @@ def median_ms(exe, args, iters: int) -> float:
   return 1e3 * statistics.median(times)
 
 
+def time_into(row: dict, tag: str, fn, inputs, iters: int) -> None:
+  """Compile fn, then record its compile time, temp memory, median ms and TFLOP/s in row."""
+  exe, secs, mib = compile_fn(fn, inputs)
+  row[f"compile_s_{tag}"] = round(secs, 3)
+  row[f"temp_MiB_{tag}"] = mib
+  row[f"{tag}_ms"] = median_ms(exe, inputs, iters)
+  row[f"tflops_{tag}"] = row[f"flops_{tag}"] / (row[f"{tag}_ms"] * 1e-3) / 1e12
+
+
 def peak_mib() -> float | None:
   stats = jax.devices()[0].memory_stats() or {}
   peak = stats.get("peak_bytes_in_use")
@@ -264,12 +273,7 @@ def run_case(case: Case, t: int, args) -> dict:
     else:
       fwd, fwdbwd, inputs = core_problem(pattern, case.impl, b, t, h, dk, dv, dtype)
     for tag, fn in (("fwd", fwd), ("fwdbwd", fwdbwd)):
-      exe, secs, mib = compile_fn(fn, inputs)
-      row[f"compile_s_{tag}"] = round(secs, 3)
-      row[f"temp_MiB_{tag}"] = mib
-      row[f"{tag}_ms"] = median_ms(exe, inputs, args.iters)
-      row[f"tflops_{tag}"] = row[f"flops_{tag}"] / (row[f"{tag}_ms"] * 1e-3) / 1e12
-      del exe
+      time_into(row, tag, fn, inputs, args.iters)
   except Exception as e:  # OOM, unsupported configurations: record and go on.
     row["error"] = short_error(e)
   row["temp_MiB"] = row.get("temp_MiB_fwdbwd")
@@ -429,12 +433,7 @@ def pallas_row(name: str, t: int, args, tiles=None) -> dict:
     fwd = pallas_fn(pattern, impl, tiles, args.pallas_interpret)
     loss = lambda q, k, v: jnp.sum(fwd(q, k, v).astype(jnp.float32))
     for tag, fn in (("fwd", fwd), ("fwdbwd", jax.value_and_grad(loss, argnums=(0, 1, 2)))):
-      exe, secs, mib = compile_fn(fn, inputs)
-      row[f"compile_s_{tag}"] = round(secs, 3)
-      row[f"temp_MiB_{tag}"] = mib
-      row[f"{tag}_ms"] = median_ms(exe, inputs, args.iters)
-      row[f"tflops_{tag}"] = row[f"flops_{tag}"] / (row[f"{tag}_ms"] * 1e-3) / 1e12
-      del exe
+      time_into(row, tag, fn, inputs, args.iters)
   except Exception as e:  # OOM, unsupported configurations, compile failures
     row["error"] = short_error(e)
   row["temp_MiB"] = row.get("temp_MiB_fwdbwd")

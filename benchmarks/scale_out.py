@@ -1,7 +1,7 @@
 """Sharded training on a multi-GPU machine (issue 8), synthetic tokens, one JSON file.
 
     python benchmarks/scale_out.py --out scale_out.json            # 2+ GPUs
-    python benchmarks/scale_out.py --smoke --out /tmp/s.json       # CPU, 8 fake devices
+    python benchmarks/scale_out.py --smoke --out scale_out.json       # CPU, 8 fake devices
 
 Sections, in this order (each written to the JSON as soon as it finishes; later ones are
 skipped when the time budget `--budget-s` would be exceeded):
