@@ -172,12 +172,12 @@ def groups(pts: Sequence[tuple[str, ml_collections.ConfigDict]], vmap: bool) -> 
   """Indices of points run together: with vmap, points equal but for seed and train.lr."""
   if not vmap:
     return [[i] for i in range(len(pts))]
+  from structattn.results import flatten
+  from structattn.train import MEMBER_FIELDS
   keyed: dict[str, list[int]] = {}
   for i, (_, c) in enumerate(pts):
-    d = c.to_dict()
-    d.pop("seed", None)
-    d.get("train", {}).pop("lr", None)
-    keyed.setdefault(json.dumps(d, sort_keys=True, default=str), []).append(i)
+    shared = {k: v for k, v in flatten(c.to_dict()).items() if k not in MEMBER_FIELDS}
+    keyed.setdefault(json.dumps(shared, sort_keys=True, default=str), []).append(i)
   return list(keyed.values())
 
 

@@ -82,16 +82,10 @@ def mean_and_sem(values: np.ndarray) -> tuple[float, float]:
 # ----------------------------------------------------------------------------------- LM task
 
 
-def lm_loss(params, graphdef, rest, batch):
-  from structattn.train import cross_entropy
-  model = nnx.merge(graphdef, params, rest)
-  return cross_entropy(model(batch["inputs"]), batch["targets"]).mean()
-
-
 def lm_eval_metrics(params, graphdef, rest, batch):
-  from structattn.train import cross_entropy
-  model = nnx.merge(graphdef, params, rest)
-  return {"loss": cross_entropy(model(batch["inputs"]), batch["targets"])}
+  """Per-sequence held-out cross-entropy (`train.eval_step`)."""
+  from structattn.train import eval_step
+  return {"loss": eval_step(params, batch, graphdef=graphdef, rest=rest)}
 
 
 def lm_summarize(arrays: dict[str, np.ndarray], prefix: str = "eval") -> dict[str, float]:
@@ -125,14 +119,14 @@ class _LazyTrainIterator:
 def build_lm(config: ml_collections.ConfigDict) -> TaskSetup:
   from structattn import flops as flops_lib
   from structattn import lm_data
-  from structattn.models.gpt import GPT, GPTConfig, param_counts
+  from structattn.models.gpt import param_counts
+  from structattn.train import build_model, loss_fn
   data = lm_data.build(config)  # validates the data config; fails fast on a missing corpus
-  cfg = GPTConfig.from_config(config, data.vocab_size)
-  model = GPT(cfg, rngs=nnx.Rngs(config.seed))
+  cfg, model = build_model(config, data.vocab_size)
   fl = flops_lib.model_flops(cfg.specs, cfg.d_model, cfg.d_mlp, data.vocab_size)
   counts = param_counts(model)
   return TaskSetup(
-      model=model, loss=lm_loss, eval_metrics=lm_eval_metrics, summarize=lm_summarize,
+      model=model, loss=loss_fn, eval_metrics=lm_eval_metrics, summarize=lm_summarize,
       eval_batches=data.eval_batches(), train_batches=_LazyTrainIterator(data),
       units_per_step=config.train.batch_size * cfg.seq_len, unit="tokens",
       paper_macs_per_unit=fl["paper_macs_per_token"],

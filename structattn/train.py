@@ -158,7 +158,7 @@ def resolve(config: ml_collections.ConfigDict, setup: tasks_lib.TaskSetup
   return config
 
 
-_SAME_EXCEPT = ("seed", "train.lr")
+MEMBER_FIELDS = ("seed", "train.lr")  # what vmapped members may differ in
 
 
 def check_group(configs) -> None:
@@ -168,9 +168,9 @@ def check_group(configs) -> None:
   for i, c in enumerate(configs[1:], 1):
     flat = flatten(c.to_dict())
     diff = sorted(k for k in set(ref) | set(flat)
-                  if k not in _SAME_EXCEPT and ref.get(k) != flat.get(k))
+                  if k not in MEMBER_FIELDS and ref.get(k) != flat.get(k))
     if diff:
-      raise ValueError(f"vmapped members must differ only in {_SAME_EXCEPT}; member {i} also "
+      raise ValueError(f"vmapped members must differ only in {MEMBER_FIELDS}; member {i} also "
                        f"differs in {diff}")
 
 

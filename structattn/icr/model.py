@@ -70,9 +70,14 @@ class ICRModel(nnx.Module):
     return self.read_out(h_BND)[..., 0]
 
 
-def icr_loss(pred_BN: jax.Array, y_BN: jax.Array) -> jax.Array:
-  """Mean squared error over all points and prompts (float32)."""
-  return jnp.mean(jnp.square(pred_BN.astype(jnp.float32) - y_BN.astype(jnp.float32)))
+def icr_loss(pred_BN: jax.Array, y_BN: jax.Array, mask_BN: jax.Array | None = None
+             ) -> jax.Array:
+  """Mean squared error over all points and prompts (float32); with mask_BN, over the points
+  where it is 1 (the curriculum's active points)."""
+  se_BN = jnp.square(pred_BN.astype(jnp.float32) - y_BN.astype(jnp.float32))
+  if mask_BN is None:
+    return jnp.mean(se_BN)
+  return jnp.sum(se_BN * mask_BN) / jnp.maximum(jnp.sum(mask_BN), 1.0)
 
 
 def loss_fn(params, graphdef, rest, batch) -> jax.Array:

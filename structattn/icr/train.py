@@ -27,7 +27,7 @@ from flax import nnx
 from structattn import flops as flops_lib
 from structattn.icr import baselines as baselines_lib
 from structattn.icr import task as task_lib
-from structattn.icr.model import ICRModel, icr_specs
+from structattn.icr.model import ICRModel, icr_loss, icr_specs
 from structattn.tasks import TaskSetup, mean_and_sem
 
 
@@ -74,9 +74,7 @@ def batch_fn(seed, step, *, f: dict, batch_size: int, total_steps: int):
 def loss(params, graphdef, rest, batch) -> jax.Array:
   """Mean squared error over the active (curriculum) points of every prompt."""
   pred_BN = nnx.merge(graphdef, params, rest)(batch["x_BND"], batch["y_BN"])
-  se_BN = jnp.square(pred_BN.astype(jnp.float32) - batch["y_BN"])
-  mask_BN = batch["mask_BN"]
-  return jnp.sum(se_BN * mask_BN) / jnp.maximum(jnp.sum(mask_BN), 1.0)
+  return icr_loss(pred_BN, batch["y_BN"], batch["mask_BN"])
 
 
 def eval_metrics(params, graphdef, rest, batch) -> dict:
