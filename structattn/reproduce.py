@@ -57,17 +57,8 @@ def _finite(v) -> bool:
   return isinstance(v, (int, float)) and math.isfinite(float(v))
 
 
-def _save(fig, out: Path, name: str) -> list[str]:
-  paths = []
-  for ext in ("png", "pdf"):
-    p = out / f"{name}.{ext}"
-    fig.savefig(p, dpi=150, bbox_inches="tight")
-    paths.append(str(p))
-  return paths
-
-
 def _figure(**kw):
-  from matplotlib.figure import Figure
+  from matplotlib.figure import Figure  # drawn on a Figure directly: no pyplot, no backend
   return Figure(**kw)
 
 
@@ -136,7 +127,8 @@ def analyze_icr_head_dim(root: Path, out: Path) -> dict[str, Any]:
         "best_below_d": min(below) if below else None,
         "best_at_or_above_d": min(at_or_above) if at_or_above else None,
         "finding_holds": bool(below and at_or_above and min(at_or_above) < min(below))}
-  summary["files"] = _save(fig, out, "icr_head_dim")
+  from structattn import figures as fig_lib
+  summary["files"] = [str(p) for p in fig_lib.save(fig, out, "icr_head_dim")]
   lines = ["| d_input | " + " | ".join(f"r={r}" for r in sorted({p[0] for v in by_d.values()
                                                                   for p in v})) + " |"]
   all_r = sorted({p[0] for v in by_d.values() for p in v})
