@@ -1,0 +1,403 @@
+"""Fused MLR attention forward in Pallas Mosaic GPU (FA3-style, warp specialised).
+
+Usage (same contract as `pallas_mlr.mlr_attention_pallas`):
+
+  from structattn.attention.mosaic_mlr import mlr_attention_mosaic
+  out_BTHV = mlr_attention_mosaic(q_BTHK, k_BTHK, v_BTHV, pat)                 # H100
+  out_BTHV = mlr_attention_mosaic(q_BTHK, k_BTHK, v_BTHV, pat, interpret=True)  # CPU check
+
+Forward: adapted from JAX's `pallas/ops/gpu/attention_mgpu.py` (FlashAttention 3).  A CTA
+holds 2 compute warpgroups of 64 query rows each plus one memory warpgroup streaming
+key/value tiles of `block_k` rows through a TMA pipeline of 2 slots.  Each compute
+warpgroup walks its key tiles in order, split into static loops (the ranges of
+`pallas_mlr._ranges`): a *far* loop per coarse level l (every pair of the tile pair has
+deepest shared level l) contracts q and k over the first ceil(P_l / 64) 64-column chunks
+only (q's chunk cut by P_l is masked in registers; the wgmma K granularity used here is
+64); the *near* loop (the tile pairs touched by sub-tile levels and the causal diagonal)
+computes one product per level segment and combines them with per-element block masks.
+Causal tiles after the diagonal are skipped.  Online softmax in base 2, fp32 accumulation,
+bf16/fp16 operands (float32 inputs are rounded to bf16).  Level scales are folded into q
+by the caller; the per-level divisor (divide='block'/'levels') is a static per-loop scale.
+
+Backward: the Pallas-*Triton* dq and dk/dv kernels of `pallas_mlr` behind the custom VJP
+(recomputing P from this forward's base-2 log-sum-exp); a Mosaic GPU backward is future
+work.
+
+Layout: q and k are passed to the kernel as (B, H, C, T, 64) (C = padded width / 64) so
+that a tile's 64-column chunks are separate TMA/wgmma operands; v stays (B, T, H, Wv).
+Causal inputs are zero-padded in time to a multiple of the coarsest block and of 128;
+non-causal inputs need T divisible by the block sizes and by 128.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from structattn.attention import pallas_mlr as pm
+from structattn.attention.core import Pattern
+
+try:  # Mosaic GPU Pallas (jax >= 0.5); interpret mode needs a recent jax (>= 0.11)
+  import jax.experimental.pallas.mosaic_gpu as plgpu
+except ImportError:  # pragma: no cover
+  plgpu = None
+
+LOG2E = pm.LOG2E
+NEG = pm.NEG
+CHUNK = 64  # feature chunk: wgmma K granularity used here (one 128-byte swizzle row of bf16)
+BQ = 64  # query rows per compute warpgroup (one wgmma M tile)
+WGS = 2  # compute warpgroups per CTA
+
+
+def interpret_supported() -> bool:
+  """Whether this jax has Mosaic GPU interpret mode (runs the kernel on CPU)."""
+  return plgpu is not None and hasattr(plgpu, "InterpretGPUParams")
+
+
+@dataclasses.dataclass(frozen=True)
+class MosaicConfig:
+  levels: pm.Levels  # wk/wv: padded widths (multiples of 64)
+  block_k: int
+  slots: int = 2
+  schedule_barrier: bool = True
+  acc_init: bool = True  # PV accumulates in place (run_state); False: fresh ACC + add
+  reg_a: bool = True  # register wgmma A operands (P, masked q); False: staged via SMEM
+
+
+def _chunks(p: int) -> int:
+  return -(-p // CHUNK)
+
+
+def _segments(lv: pm.Levels, g: int):
+  """Near-tile feature segments (level, lo, hi): [0, P_g) then each finer level."""
+  out = [(g, 0, lv.prefix[g])] if g >= 0 else []
+  for l in range(g + 1, lv.n):
+    out.append((l, lv.prefix[l - 1] if l else 0, lv.prefix[l]))
+  return out
+
+
+def _forward(qc, kc, v, cfg: MosaicConfig, interpret):
+  """qc, kc: (B, H, C, T, 64); v: (B, T, H, Wv).  Returns o (B, T, H, Wv), lse (B, H, T)
+  in base 2."""
+  lv, bk = cfg.levels, cfg.block_k
+  b, h, nc, t, _ = qc.shape
+  wv = v.shape[-1]
+  dtype = qc.dtype
+  plan = pm._Plan(lv, BQ, bk)
+  g = plan.g
+  segs = _segments(lv, g)
+  n_steps = t // bk
+  slots = max(1, min(cfg.slots, n_steps))
+  cta_rows = WGS * BQ
+  tiling = plgpu.TilingTransform((8, 64))
+  swizzle = plgpu.SwizzleTransform(128)
+  wgmma_layout = plgpu.Layout.WGMMA
+
+  def kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, scoped):
+    bi = lax.axis_index("batch")
+    hi_ = lax.axis_index("heads")
+    (q_smem2, o_smem2, k_smem, v_smem, lse_smem2, stage), (k_bars, v_bars, q_bars), \
+        (k_cons, v_cons), sched = scoped
+    wg = lax.axis_index("wg")
+    cta = lax.axis_index("q_seq")
+    if lv.causal:
+      cta_steps = pl.cdiv((cta + 1) * cta_rows, jnp.array(bk, jnp.int32))
+    else:
+      cta_steps = jnp.int32(n_steps)
+
+    def sched_barrier():
+      if cfg.schedule_barrier:
+        plgpu.barrier_arrive(sched)
+        plgpu.barrier_wait(sched)
+
+    @pl.when(wg < WGS)
+    def _compute():
+      plgpu.set_max_registers(232, action="increase")
+      q_smem = q_smem2.at[wg]
+      q0 = cta * cta_rows + wg * BQ
+      plgpu.copy_gmem_to_smem(q_ref.at[bi, hi_, :, pl.ds(q0, BQ), :], q_smem, q_bars.at[wg])
+      plgpu.barrier_wait(q_bars.at[wg])
+
+      def a_operand(x, name):
+        """Register wgmma A operand; staged through SMEM where registers are not allowed
+        (GPU interpret mode only reads A from SMEM)."""
+        if cfg.reg_a:
+          return x
+        buf = stage[name].at[wg]
+        buf[...] = x
+        plgpu.commit_smem()
+        return buf
+
+      def q_chunk(c: int, lo: int, hi: int):
+        """A operand: chunk c of the q tile with columns outside [lo, hi) zeroed."""
+        lo, hi = max(0, lo - c * CHUNK), min(CHUNK, hi - c * CHUNK)
+        if lo == 0 and hi == CHUNK:
+          return q_smem.at[c]
+        x = plgpu.load(q_smem.at[c], layout=wgmma_layout)
+        col = plgpu.broadcasted_iota(jnp.int32, (BQ, CHUNK), 1, layout=wgmma_layout)
+        return a_operand(jnp.where((col >= lo) & (col < hi), x, jnp.zeros((), dtype)), "q")
+
+      def product(slot, lo: int, hi: int):
+        """q[:, lo:hi] . k[:, lo:hi]^T over the chunks overlapping [lo, hi)."""
+        def f(acc_ref):
+          for c in range(lo // CHUNK, _chunks(hi)):
+            plgpu.wgmma(acc_ref, q_chunk(c, lo, hi), k_smem.at[slot, c].transpose((1, 0)))
+          return acc_ref[...]
+        return pl.run_scoped(f, plgpu.ACC((BQ, bk), jnp.float32))
+
+      def iota2(dim):
+        return plgpu.broadcasted_iota(jnp.int32, (BQ, bk), dim, layout=wgmma_layout)
+
+      def same_block(qpos, kpos, size: int):
+        if size & (size - 1) == 0:
+          sh = size.bit_length() - 1
+          return lax.shift_right_logical(qpos, sh) == lax.shift_right_logical(kpos, sh)
+        return lax.div(qpos, size) == lax.div(kpos, size)
+
+      def scores(step, slot, level):
+        """Scores (log2 domain) of the tile pair; level None: near tile."""
+        if level is not None:
+          s = product(slot, 0, lv.prefix[level]) * (lv.mult(level) * LOG2E)
+          sched_barrier()
+          return s
+        qpos = iota2(0) + q0
+        kpos = iota2(1) + step * bk
+        s = part = None
+        for l, lo, hi in segs:
+          d = product(slot, lo, hi)
+          part = d if part is None else part + d
+          sl = part * (lv.mult(l) * LOG2E)
+          if l == g:
+            s = sl
+          else:
+            same = same_block(qpos, kpos, lv.sizes[l])
+            s = jnp.where(same, sl, NEG if s is None else s)
+        sched_barrier()
+        if lv.causal:
+          s = jnp.where(qpos >= kpos, s, NEG)
+        return s
+
+      def kv_body(level, step, carry):
+        acc, m_i, l_i = carry
+        slot = lax.rem(step, jnp.array(slots, step.dtype))
+        plgpu.barrier_wait(k_bars.at[slot])
+        s = scores(step, slot, level)
+        plgpu.barrier_arrive(k_cons.at[slot])
+        m_new = jnp.maximum(m_i, s.max(axis=1))
+        alpha = jnp.exp2(m_i - m_new)
+        p = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [0]))
+        acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+        l_i = l_i * alpha + p.sum(axis=1)
+        p16 = a_operand(p.astype(dtype), "p")
+        plgpu.barrier_arrive(sched) if cfg.schedule_barrier else None
+        plgpu.barrier_wait(v_bars.at[slot])
+        plgpu.barrier_wait(sched) if cfg.schedule_barrier else None
+        if cfg.acc_init:
+          def pv(acc_ref):
+            plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
+          acc = pl.run_state(pv)(plgpu.ACC.init(acc))
+        else:
+          def pv(acc_ref):
+            plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
+            return acc_ref[...]
+          acc = acc + pl.run_scoped(pv, plgpu.ACC((BQ, wv), jnp.float32))
+        plgpu.barrier_arrive(v_cons.at[slot])
+        return acc, m_new, l_i
+
+      def skip_body(step, _):
+        """A tile this warpgroup does not attend: keep the pipeline in step."""
+        slot = lax.rem(step, jnp.array(slots, step.dtype))
+        plgpu.barrier_wait(k_bars.at[slot])
+        plgpu.barrier_arrive(k_cons.at[slot])
+        sched_barrier()
+        plgpu.barrier_wait(v_bars.at[slot])
+        plgpu.barrier_arrive(v_cons.at[slot])
+        sched_barrier()
+
+      def flush_body(step, _):
+        """Tiles past this warpgroup's causal end (loaded for the CTA's other group)."""
+        slot = lax.rem(step, jnp.array(slots, step.dtype))
+        plgpu.barrier_arrive(k_cons.at[slot])
+        plgpu.barrier_arrive(v_cons.at[slot])
+        sched_barrier()
+        sched_barrier()
+
+      m_i = plgpu.layout_cast(jnp.full((BQ,), -jnp.inf, jnp.float32), wgmma_layout.reduce(1))
+      l_i = plgpu.layout_cast(jnp.full((BQ,), 0, jnp.float32), wgmma_layout.reduce(1))
+      acc = plgpu.layout_cast(jnp.full((BQ, wv), 0, jnp.float32), wgmma_layout)
+      carry = (acc, m_i, l_i)
+      pl.when(wg == 1)(sched_barrier)
+      far, (n_lo, n_hi) = pm._ranges(plan, q0, BQ, bk, True)
+      n_left = len(far) if lv.causal else g + 1
+      loops = [(lo, hi, l) for lo, hi, l in far[:n_left]] + [(n_lo, n_hi, None)] + \
+          [(lo, hi, l) for lo, hi, l in far[n_left:]]
+      first = loops[0][0] if loops else n_lo
+      lax.fori_loop(0, pm._idiv(first, bk), skip_body, None)
+      end = jnp.int32(first)
+      for lo, hi, l in loops:
+        carry = lax.fori_loop(pm._idiv(lo, bk), pm._idiv(hi, bk),
+                              functools.partial(kv_body, l), carry)
+        end = hi
+      if lv.causal:
+        lax.fori_loop(pm._idiv(end, bk), cta_steps, flush_body, None)
+      else:
+        lax.fori_loop(pm._idiv(end, bk), cta_steps, skip_body, None)
+      pl.when(wg == 0)(sched_barrier)
+      acc, m_i, l_i = carry
+      o_smem = o_smem2.at[wg]
+      o_smem[...] = (acc / lax.broadcast_in_dim(l_i, acc.shape, [0])).astype(dtype)
+      lse_smem = lse_smem2.at[wg]
+      lse_smem[...] = m_i + jnp.log(l_i) * LOG2E
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(o_smem, o_ref.at[bi, pl.ds(q0, BQ), hi_])
+      plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[bi, hi_, pl.ds(q0, BQ)])
+      plgpu.wait_smem_to_gmem(0)
+
+    @pl.when(wg == WGS)
+    def _memory():
+      plgpu.set_max_registers(40, action="decrease")
+
+      def load(step, slot):
+        rows = pl.ds(step * bk, bk)
+        plgpu.copy_gmem_to_smem(k_ref.at[bi, hi_, :, rows, :], k_smem.at[slot], k_bars.at[slot])
+        plgpu.copy_gmem_to_smem(v_ref.at[bi, rows, hi_], v_smem.at[slot], v_bars.at[slot])
+
+      for i in range(slots):
+        @pl.when(i < cta_steps)
+        def _():
+          load(jnp.int32(i), i)
+
+      @pl.loop(0, jnp.maximum(cta_steps - slots, 0))
+      def _(step):
+        nxt = step + slots
+        slot = lax.rem(step, jnp.array(slots, step.dtype))
+        plgpu.barrier_wait(k_cons.at[slot])
+        plgpu.barrier_wait(v_cons.at[slot])
+        load(nxt, slot)
+
+  def entry(q_ref, k_ref, v_ref, o_ref, lse_ref):
+    tr = (tiling, swizzle)
+    bufs = (plgpu.SMEM((WGS, nc, BQ, CHUNK), dtype, transforms=tr),
+            plgpu.SMEM((WGS, BQ, wv), dtype, transforms=tr),
+            plgpu.SMEM((slots, nc, bk, CHUNK), dtype, transforms=tr),
+            plgpu.SMEM((slots, bk, wv), dtype, transforms=tr),
+            plgpu.SMEM((WGS, BQ), jnp.float32),
+            {} if cfg.reg_a else {"q": plgpu.SMEM((WGS, BQ, CHUNK), dtype, transforms=tr),
+                                  "p": plgpu.SMEM((WGS, BQ, bk), dtype, transforms=tr)})
+    pl.run_scoped(
+        lambda *args: kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, args),
+        bufs,
+        (plgpu.Barrier(num_barriers=slots), plgpu.Barrier(num_barriers=slots),
+         plgpu.Barrier(num_barriers=WGS)),
+        (plgpu.Barrier(num_arrivals=WGS, num_barriers=slots),) * 2,
+        plgpu.Barrier(num_arrivals=WGS),
+        collective_axes="wg",
+    )
+
+  kw = {} if not interpret else {"interpret": interpret}
+  o, lse = plgpu.kernel(
+      entry,
+      out_type=[jax.ShapeDtypeStruct((b, t, h, wv), dtype),
+                jax.ShapeDtypeStruct((b, h, t), jnp.float32)],
+      grid=(h, t // cta_rows, b),
+      grid_names=("heads", "q_seq", "batch"),
+      num_threads=WGS + 1,
+      thread_name="wg",
+      compiler_params=plgpu.CompilerParams(approx_math=True),
+      **kw,
+  )(qc, kc, v)
+  return o, lse
+
+
+# ------------------------------------------------------------------------------ custom VJP
+
+
+@dataclasses.dataclass(frozen=True)
+class _Config:
+  mosaic: MosaicConfig
+  tiles: pm.Tiles  # Triton backward tiles
+  interpret: bool
+
+
+def _to_chunks(x):
+  b, t, h, w = x.shape
+  return x.reshape(b, t, h, w // CHUNK, CHUNK).transpose(0, 2, 3, 1, 4)
+
+
+def _interp(cfg: _Config):
+  return plgpu.InterpretGPUParams() if cfg.interpret else None
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _mlr(q, k, v, cfg: _Config):
+  return _forward(_to_chunks(q), _to_chunks(k), v, cfg.mosaic, _interp(cfg))[0]
+
+
+def _mlr_fwd(q, k, v, cfg: _Config):
+  o, lse = _forward(_to_chunks(q), _to_chunks(k), v, cfg.mosaic, _interp(cfg))
+  return o, (q, k, v, o, lse)
+
+
+def _mlr_bwd(cfg: _Config, res, do):
+  return pm._backward(pm._Config(cfg.mosaic.levels, cfg.tiles, cfg.interpret), res, do)
+
+
+_mlr.defvjp(_mlr_fwd, _mlr_bwd)
+
+
+# ------------------------------------------------------------------------------- wrapper
+
+
+def mlr_attention_mosaic(q_BTHK, k_BTHK, v_BTHV, pattern: Pattern, *, interpret: bool = False,
+                         block_q: int | None = None, block_k: int | None = None,
+                         tiles: pm.Tiles | None = None, schedule_barrier: bool = True,
+                         acc_init: bool | None = None):
+  """Fused nested-block (MLR) attention, Mosaic GPU forward; same result as
+  `core.blocked_attention` and `pallas_mlr.mlr_attention_pallas`.
+
+  q_BTHK, k_BTHK: level-scaled features (K = sum(pattern.widths)); v_BTHV values.
+  block_q: must be None or 64 (rows per compute warpgroup); block_k: key tile rows
+  (64 or 128, default 64).  tiles: the Triton backward's tiles (pallas_mlr.Tiles).
+  interpret=True runs the forward in Mosaic GPU interpret mode and the backward in the
+  Pallas interpreter (CPU).  bfloat16/float16 operands (float32 inputs are rounded to
+  bfloat16), float32 accumulation; the output has v's dtype.
+  """
+  if plgpu is None:
+    raise ImportError("mlr_attention_mosaic needs jax.experimental.pallas.mosaic_gpu")
+  if interpret and not interpret_supported():
+    raise NotImplementedError("this jax has no Mosaic GPU interpret mode (InterpretGPUParams)")
+  b, t, h, k = q_BTHK.shape
+  dv = v_BTHV.shape[-1]
+  out_dtype = v_BTHV.dtype
+  dtype = jnp.result_type(q_BTHK, k_BTHK, v_BTHV)
+  if dtype not in (jnp.float32, jnp.bfloat16, jnp.float16):
+    raise ValueError(f"mlr_attention_mosaic needs float32/bfloat16/float16 inputs, got {dtype}")
+  if dtype == jnp.float32:
+    dtype = jnp.dtype(jnp.bfloat16)
+  if block_q not in (None, BQ):
+    raise ValueError(f"mlr_attention_mosaic uses block_q={BQ} (one wgmma M tile), got {block_q}")
+  bk = block_k or 64
+  if bk not in (64, 128):
+    raise ValueError(f"block_k must be 64 or 128, got {bk}")
+  tile = max(WGS * BQ, bk)
+  if not pattern.causal:
+    tile = math.lcm(tile, pm.MIN_WIDTH)
+  tp, lv = pm._levels_and_length(pattern, t, k, dv, tile)
+  wk = max(CHUNK, pm._pow2(k))
+  wv = max(CHUNK, pm._pow2(dv))
+  lv = dataclasses.replace(lv, wk=wk, wv=wv)
+  tiles = pm._fit_tiles(tiles or pm.Tiles.default(max(wk, wv)), tp)
+  pad = lambda x, w: jnp.pad(x.astype(dtype), [(0, 0), (0, tp - t), (0, 0), (0, w - x.shape[-1])])
+  q, kk, v = pad(q_BTHK, wk), pad(k_BTHK, wk), pad(v_BTHV, wv)
+  acc_init = (not interpret) if acc_init is None else acc_init
+  cfg = _Config(MosaicConfig(lv, bk, schedule_barrier=schedule_barrier, acc_init=acc_init,
+                             reg_a=not interpret),
+                tiles, bool(interpret))
+  out = _mlr(q, kk, v, cfg)
+  return out[:, :t, :, :dv].astype(out_dtype)
