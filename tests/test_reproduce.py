@@ -54,12 +54,14 @@ def test_reproduce_errors(tmp_path, capsys):
     reproduce.reproduce("nope", "tiny", str(tmp_path))
   with pytest.raises(ValueError, match="--scale='huge' is invalid"):
     reproduce.reproduce("icr-head-dim", "huge", str(tmp_path))
+  with pytest.raises(ValueError, match="--scale='short' is invalid for icr-compute"):
+    reproduce.reproduce("icr-compute", "short", str(tmp_path))
   with pytest.raises(SystemExit):
     reproduce.main(["nope"])
 
 
-@pytest.mark.parametrize("figure", ["icr-head-dim", "icr-compute", "lm-scaling"])
-@pytest.mark.parametrize("scale", ["tiny", "paper"])
+@pytest.mark.parametrize("figure,scale", [
+    (f, s) for f in ["icr-head-dim", "icr-compute", "lm-scaling"] for s in reproduce.scales_for(f)])
 def test_every_sweep_point_has_a_valid_attention_spec(figure, scale):
   """Catch invalid points (e.g. MLR ranks that do not sum to the head width) before a sweep."""
   from structattn import sweep
