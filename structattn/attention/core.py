@@ -429,16 +429,19 @@ def pallas_supported(q_BTHK, pattern: Pattern) -> bool:
 
 
 def attention(q_BTHK, k_BTHK, v_BTHV, pattern: Pattern, impl: str = "auto"):
-  """Softmax attention for a score pattern; impl in auto | xla | cudnn | pallas | reference.
+  """Softmax attention for a pattern; impl in auto | xla | cudnn | pallas | mosaic | reference.
 
   'pallas' runs the fused Pallas MLR kernel (`pallas_mlr.mlr_attention_pallas`) for block
   and global levels on a GPU, and falls back to the XLA path elsewhere (CPU, windows,
-  float64)."""
+  float64); 'mosaic' likewise with the Mosaic GPU kernel (`mosaic_mlr`)."""
   if impl == "reference":
     return reference_attention(q_BTHK, k_BTHK, v_BTHV, pattern)
   if impl == "pallas" and pallas_supported(q_BTHK, pattern):
     from structattn.attention.pallas_mlr import mlr_attention_pallas
     return mlr_attention_pallas(q_BTHK, k_BTHK, v_BTHV, pattern)
+  if impl == "mosaic" and pallas_supported(q_BTHK, pattern):  # Mosaic GPU forward
+    from structattn.attention.mosaic_mlr import mlr_attention_mosaic
+    return mlr_attention_mosaic(q_BTHK, k_BTHK, v_BTHV, pattern)
   if impl in ("auto", "cudnn"):
     ok, why = cudnn_supported(q_BTHK, k_BTHK, v_BTHV, pattern)
     if ok:

@@ -157,8 +157,9 @@ def _forward(qc, kc, v, cfg: MosaicConfig, interpret):
       def same_block(qpos, kpos, size: int):
         if size & (size - 1) == 0:
           sh = size.bit_length() - 1
+          sh = jnp.int32(sh)
           return lax.shift_right_logical(qpos, sh) == lax.shift_right_logical(kpos, sh)
-        return lax.div(qpos, size) == lax.div(kpos, size)
+        return lax.div(qpos, jnp.int32(size)) == lax.div(kpos, jnp.int32(size))
 
       def scores(step, slot, level):
         """Scores (log2 domain) of the tile pair; level None: near tile."""

@@ -26,7 +26,7 @@ from structattn.factors import btt_factors  # noqa: F401  (re-exported)
 
 VARIANTS = ("mha", "swa", "gswa", "mlr", "bilinear_mlr", "bilinear_btt", "mlbtc")
 SCALES = ("mup", "standard", "inverse")
-IMPLS = ("auto", "xla", "cudnn", "pallas", "reference")
+IMPLS = ("auto", "xla", "cudnn", "pallas", "mosaic", "reference")
 DIVIDES = ("none", "block", "levels")
 GSWA_COMBINES = ("sum", "renorm")
 FEATURE_KINDS = ("lowrank", "btt")

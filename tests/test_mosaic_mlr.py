@@ -1,0 +1,121 @@
+"""Mosaic GPU MLR forward (GPU interpret mode on CPU) + Triton backward (Pallas interpreter)
+against the float64 masked-dense oracle, values and gradients.
+
+The kernel computes in bfloat16 with float32 accumulation; inputs are rounded to bf16
+first so the oracle sees the same operands, and tolerances are set for bf16 rounding of
+P, the output and the gradients.  GPU interpret mode (`plgpu.InterpretGPUParams`) exists
+from jax 0.11; older jax (CI's 0.10) skips these tests.
+"""
+
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from structattn.attention import core
+from structattn.attention import mosaic_mlr
+
+warnings.filterwarnings("ignore", category=DeprecationWarning)
+
+pytestmark = pytest.mark.skipif(
+    not mosaic_mlr.interpret_supported(),
+    reason="jax.experimental.pallas.mosaic_gpu has no GPU interpret mode "
+           "(InterpretGPUParams) in this jax version")
+
+P = core.Pattern
+
+
+def _qkv(b, t, h, k, dv, seed):
+  ks = jax.random.split(jax.random.key(seed), 4)
+  rnd = lambda x: x.astype(jnp.bfloat16).astype(jnp.float32)
+  q = rnd(jax.random.normal(ks[0], (b, t, h, k), jnp.float32) * float(2 / np.sqrt(k)))
+  k_ = rnd(jax.random.normal(ks[1], (b, t, h, k), jnp.float32))
+  v = rnd(jax.random.normal(ks[2], (b, t, h, dv), jnp.float32))
+  w = jax.random.normal(ks[3], (b, t, h, dv), jnp.float32)
+  return q, k_, v, w
+
+
+def _check(pat, t, k=64, dv=64, b=1, h=1, seed=0, grads=True, tol=2e-2, **kw):
+  q, k_, v, w = _qkv(b, t, h, k, dv, seed)
+  fast = lambda q, k, v: mlr_attention(q, k, v, pat, **kw)
+  ref = lambda q, k, v: core.reference_attention(q, k, v, pat)
+  loss = lambda f: (lambda q, k, v: jnp.sum(f(q, k, v) * w))
+  a64 = [x.astype(jnp.float64) for x in (q, k_, v)]
+  w64 = w.astype(jnp.float64)
+  loss64 = lambda q, k, v: jnp.sum(ref(q, k, v) * w64)
+  if grads:
+    out, g_fast = jax.jit(lambda *a: (fast(*a), jax.grad(loss(fast), argnums=(0, 1, 2))(*a)))(
+        q, k_, v)
+    want, g_ref = jax.jit(lambda *a: (ref(*a), jax.grad(loss64, argnums=(0, 1, 2))(*a)))(*a64)
+  else:
+    out, want = jax.jit(fast)(q, k_, v), jax.jit(ref)(*a64)
+  assert out.shape == want.shape and out.dtype == jnp.float32
+  np.testing.assert_allclose(out, want, rtol=tol, atol=tol)
+  if grads:
+    for name, a, r in zip("qkv", g_fast, g_ref):
+      scale = float(jnp.abs(r).max())
+      assert scale > 1e-3
+      np.testing.assert_allclose(a / scale, r / scale, rtol=tol, atol=tol, err_msg=f"d{name}")
+
+
+def mlr_attention(q, k, v, pat, **kw):
+  return mosaic_mlr.mlr_attention_mosaic(q, k, v, pat, interpret=True, **kw)
+
+
+CASES = {
+    # one global level: plain causal flash attention (one 64-column chunk)
+    "dense": (P(("global",), (0,), (64,)), 128, dict()),
+    # paper-like 8 levels 32|8|6|4|4|4|4|2 at T=256 (blocks 256..2): 4 sub-tile levels
+    "mlr8_paper": (P(("global",) + ("block",) * 7, (0, 128, 64, 32, 16, 8, 4, 2),
+                     (32, 8, 6, 4, 4, 4, 4, 2), divide="block"), 256, dict()),
+    # 3 levels, coarse blocks bigger than the CTA, fine blocks inside a tile, block_k=128
+    "mlr3_bk128": (P(("global", "block", "block"), (0, 128, 16), (32, 16, 16), divide="levels"),
+                   256, dict(block_k=128)),
+    # width 128 (two chunks): prefixes 16 | 48 | 112 | 128 cross the chunk boundary
+    "mlr4_d128": (P(("global", "block", "block", "block"), (0, 128, 64, 16), (16, 32, 64, 16),
+                    divide="block"), 256, dict(k=128, dv=128)),
+    "mlr4_noncausal": (P(("global", "block", "block", "block"), (0, 128, 64, 8), (32, 16, 8, 8),
+                         causal=False, divide="block"), 256, dict()),
+    # level 0 is a block level: tiles outside it are skipped (pipeline kept in step)
+    "local_only": (P(("block", "block"), (128, 16), (32, 32)), 256, dict()),
+    # ragged causal length and narrow head dims: padded in time and width
+    "ragged": (P(("global", "block"), (0, 16), (16, 8)), 200, dict(k=24, dv=40)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_matches_reference_values_and_grads(name):
+  pat, t, kw = CASES[name]
+  _check(pat, t, **kw)
+
+
+def test_batch_heads_and_bf16_io():
+  """Several batch rows and heads; bf16 in, bf16 out, close to the XLA core."""
+  pat = P(("global", "block", "block"), (0, 64, 16), (32, 16, 16), divide="block")
+  q, k, v, _ = _qkv(2, 128, 2, 64, 64, 3)
+  q, k, v = (x.astype(jnp.bfloat16) for x in (q, k, v))
+  out = jax.jit(lambda *a: mlr_attention(*a, pat))(q, k, v)
+  want = core.blocked_attention(*(x.astype(jnp.float32) for x in (q, k, v)), pat)
+  assert out.dtype == jnp.bfloat16
+  np.testing.assert_allclose(out.astype(jnp.float32), want, rtol=2e-2, atol=2e-2)
+
+
+def test_rejects_unsupported():
+  q = jnp.zeros((1, 128, 1, 64), jnp.float32)
+  with pytest.raises(ValueError, match="global/block"):
+    mlr_attention(q, q, q, P(("window",), (4,), (64,)))
+  with pytest.raises(ValueError, match="divisible"):
+    mlr_attention(q[:, :96], q[:, :96], q[:, :96],
+                  P(("global", "block"), (0, 32), (32, 32), causal=False))
+  with pytest.raises(ValueError, match="block_k"):
+    mlr_attention(q, q, q, P(("global",), (0,), (64,)), block_k=32)
+
+
+def test_impl_mosaic_falls_back_off_gpu():
+  """attention(impl='mosaic') serves the XLA path off GPU."""
+  pat = P(("global", "block"), (0, 16), (8, 8), divide="block")
+  q, k, v, _ = _qkv(1, 64, 2, 16, 16, 4)
+  out = core.attention(q, k, v, pat, impl="mosaic")
+  np.testing.assert_allclose(out, core.blocked_attention(q, k, v, pat), rtol=1e-6, atol=1e-6)
