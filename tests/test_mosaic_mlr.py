@@ -119,3 +119,21 @@ def test_impl_mosaic_falls_back_off_gpu():
   q, k, v, _ = _qkv(1, 64, 2, 16, 16, 4)
   out = core.attention(q, k, v, pat, impl="mosaic")
   np.testing.assert_allclose(out, core.blocked_attention(q, k, v, pat), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("widths,sizes,kw", [
+    ((32, 8, 6, 4, 4, 4, 4, 2), (0, 512, 256, 128, 64, 32, 16, 8), dict()),
+    ((16, 16, 32, 64), (0, 512, 256, 128), dict(block_k=128)),
+])
+def test_lowers_to_mosaic_gpu_for_cuda(widths, sizes, kw):
+  """The forward lowers through Pallas Mosaic GPU for CUDA without a GPU (paper configs)."""
+  pat = P(("global",) + ("block",) * (len(widths) - 1), sizes, widths, divide="block")
+  q = jax.ShapeDtypeStruct((1, 1024, 2, sum(widths)), jnp.bfloat16)
+  f = lambda q, k, v: mosaic_mlr.mlr_attention_mosaic(q, k, v, pat, **kw)
+  try:
+    txt = jax.jit(f).trace(q, q, q).lower(lowering_platforms=("cuda",)).as_text()
+  except Exception as e:  # noqa: BLE001
+    if "cuda" in str(e).lower() and "platform" in str(e).lower():
+      pytest.skip(f"no CUDA lowering in this jaxlib: {e}")
+    raise
+  assert "mosaic_gpu" in txt
