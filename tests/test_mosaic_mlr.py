@@ -19,7 +19,7 @@ from structattn.attention import mosaic_mlr
 
 warnings.filterwarnings("ignore", category=DeprecationWarning)
 
-pytestmark = pytest.mark.skipif(
+needs_interpret = pytest.mark.skipif(
     not mosaic_mlr.interpret_supported(),
     reason="jax.experimental.pallas.mosaic_gpu has no GPU interpret mode "
            "(InterpretGPUParams) in this jax version")
@@ -85,12 +85,14 @@ CASES = {
 }
 
 
+@needs_interpret
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_matches_reference_values_and_grads(name):
   pat, t, kw = CASES[name]
   _check(pat, t, **kw)
 
 
+@needs_interpret
 def test_batch_heads_and_bf16_io():
   """Several batch rows and heads; bf16 in, bf16 out, close to the XLA core."""
   pat = P(("global", "block", "block"), (0, 64, 16), (32, 16, 16), divide="block")
@@ -102,6 +104,7 @@ def test_batch_heads_and_bf16_io():
   np.testing.assert_allclose(out.astype(jnp.float32), want, rtol=2e-2, atol=2e-2)
 
 
+@needs_interpret
 def test_rejects_unsupported():
   q = jnp.zeros((1, 128, 1, 64), jnp.float32)
   with pytest.raises(ValueError, match="global/block"):
@@ -121,6 +124,7 @@ def test_impl_mosaic_falls_back_off_gpu():
   np.testing.assert_allclose(out, core.blocked_attention(q, k, v, pat), rtol=1e-6, atol=1e-6)
 
 
+@needs_interpret
 @pytest.mark.parametrize("widths,sizes,kw", [
     ((32, 8, 6, 4, 4, 4, 4, 2), (0, 512, 256, 128, 64, 32, 16, 8), dict()),
     ((16, 16, 32, 64), (0, 512, 256, 128), dict(block_k=128)),
