@@ -282,3 +282,18 @@ def test_lm_data_end_to_end(corpus_dir, data_dir):
   assert batch["inputs"].shape == (BATCH, SEQ_LEN) and batch["inputs"].max() < 50257
   assert len(data.eval_batches) == 2
   assert data.stats["vocab_size"] == 50257 and data.stats["train"]["num_replaced"] == 0
+
+
+def _build_in_subprocess(args):
+  corpus, root = args
+  from structattn.data import text as text_lib
+  return len(list(text_lib.load_documents(corpus, "train", data_dir=root).texts()))
+
+
+def test_concurrent_builds_of_one_dataset_all_succeed(corpus_dir, tmp_path):
+  """Parallel sweep points build the same TFDS dataset once, under a lock; none fails."""
+  import multiprocessing
+  with multiprocessing.get_context("spawn").Pool(3) as pool:
+    counts = pool.map(_build_in_subprocess, [(str(corpus_dir), str(tmp_path))] * 3)
+  assert counts == [3, 3, 3]
+  assert len(list(tmp_path.glob("structattn_text/*/1.0.0"))) == 1

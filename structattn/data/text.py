@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fcntl
 import glob
 import hashlib
 import importlib.util
@@ -220,13 +221,22 @@ def text_builder(corpus: str, *, val_fraction: float = DEFAULT_VAL_FRACTION,
   config = TextCorpusConfig(name=config_name(corpus, files, val_fraction), files=files,
                             val_fraction=val_fraction, version=StructattnText.VERSION)
   root = resolve_data_dir(data_dir)
-  builder = StructattnText(config=config, data_dir=str(root), file_format="array_record")
+  make = lambda: StructattnText(config=config, data_dir=str(root), file_format="array_record")
+  builder = make()
   if not builder.is_prepared():
-    log.info("Building %s from %d files of data.corpus=%r.", builder.data_dir, len(files), corpus)
-    with _progress_bars_off():
-      builder.download_and_prepare(
-        download_dir=str(root / "downloads"),
-        download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+    # Sweep points started at once (structattn-sweep --parallel) would race to build the
+    # same dataset: one builds it under an exclusive lock, the others wait and reuse it.
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / f".{config.name}.lock", "w") as lock:
+      fcntl.flock(lock, fcntl.LOCK_EX)
+      builder = make()
+      if not builder.is_prepared():
+        log.info("Building %s from %d files of data.corpus=%r.", builder.data_dir, len(files),
+                 corpus)
+        with _progress_bars_off():
+          builder.download_and_prepare(
+            download_dir=str(root / "downloads"),
+            download_config=tfds.download.DownloadConfig(try_download_gcs=False))
   return builder
 
 
