@@ -2,7 +2,7 @@
 
     python benchmarks/train_throughput.py                       # GPU defaults
     python benchmarks/train_throughput.py --variants mha,mlr --layers 12 --width 768
-    python benchmarks/train_throughput.py --variants mha,mlr,mlr_pallas   # fused MLR kernel
+    python benchmarks/train_throughput.py --variants mha,mlr,mlr_pallas,mlr_mosaic   # fused MLR kernels
 
 Model: 12 layers, width 768, 12 heads x 64, T=1024, GPT-2 vocabulary (50,257 padded to
 50,304), tied embeddings, bf16 compute with fp32 parameters and AdamW, synthetic tokens (the
@@ -48,7 +48,9 @@ VARIANTS = {
     "mha": dict(variant="mha"),
     "mlr": dict(variant="mlr", mlr_ranks=(32, 8, 6, 4, 4, 4, 4, 2), mlr_divide="block"),
     "mlr_pallas": dict(variant="mlr", mlr_ranks=(32, 8, 6, 4, 4, 4, 4, 2), mlr_divide="block",
-                       impl="pallas"),  # the fused Pallas MLR kernel (issue 9)
+                       impl="pallas"),  # the fused Pallas-Triton MLR kernel (issue 9)
+    "mlr_mosaic": dict(variant="mlr", mlr_ranks=(32, 8, 6, 4, 4, 4, 4, 2), mlr_divide="block",
+                       impl="mosaic"),  # Mosaic GPU forward, Triton backward
     "swa": dict(variant="swa", window=512),
     "gswa": dict(variant="gswa", gswa_split=(32, 32), window=512, gswa_combine="sum"),
 }
