@@ -2,7 +2,7 @@
 
     structattn-sweep --config=configs/icr.py:sweep-head-dim-tiny --workdir=runs/icr-a
     structattn-sweep --config=configs/lm.py:sweep-scaling-paper --workdir=runs/lm \\
-        --parallel=2 --vmap --dry-run
+        --parallel=2 --vmap --dry_run
 
 A sweep preset is a config with a `sweep` field: a list of override sets, each a dict of
 dotted config keys (`{"model.d_model": 256, "train.lr": 3e-3}`), built with `product` /
