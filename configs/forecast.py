@@ -32,6 +32,9 @@ Presets (`get_config(arg)`):
 
 `data.data_dir` holds the CSVs; a relative path is looked up from the working directory, then
 from the repository root (default '../shared/data/timeseries'). `data.source`: auto | tfds | csv.
+`data.pipeline`: device (default: train batches gathered inside the compiled step, up to
+`train.steps_per_call` steps per call, an epoch in the dataset presets; the loop still stops
+at every log, eval and checkpoint step) | host (numpy batches, one step per call).
 """
 
 import math
@@ -75,7 +78,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.seed = 0
   c.data = ml_collections.ConfigDict(dict(
       dataset="etth1", data_dir="../shared/data/timeseries", columns=(), seq_len=512,
-      horizon=96, source="auto", tfds_dir=""))
+      horizon=96, source="auto", tfds_dir="", pipeline="device"))
   c.model = ml_collections.ConfigDict(dict(
       d_model=16, num_layers=3, d_mlp=128, patch_len=16, stride=8, revin=True, pre_norm=False,
       dropout=0.3, attention_pattern=""))
@@ -83,7 +86,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.train = ml_collections.ConfigDict(dict(
       steps=1000, batch_size=128, grad_accum=1, lr=1e-4, warmup_steps=0, schedule="cosine",
       min_lr_ratio=0.0, clip_norm=0.0, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0,
-      parametrization="standard", base_width=768, compute_budget=0.0, steps_per_call=1))
+      parametrization="standard", base_width=768, compute_budget=0.0, steps_per_call=200))
   # select_best: score the test split with the parameters of the best validation MSE (the
   # PatchTST protocol's early stopping) instead of the last ones.
   c.eval = ml_collections.ConfigDict(dict(every=200, batch_size=512, select_best=True))
@@ -103,8 +106,11 @@ def _set_steps(c, epochs: int) -> None:
                         c.train.batch_size)
   c.train.steps = epochs * per_epoch
   c.eval.every = per_epoch  # validation every epoch, as PatchTST (best-validation selection)
+  c.train.steps_per_call = per_epoch  # device batches: up to an epoch per compiled call
   c.checkpoint_every = c.train.steps // 2 or 1
-  c.log_every = max(1, min(100, per_epoch))
+  # log (and so evaluate: the loop evaluates at log steps) once per epoch; a log interval
+  # that does not divide the epoch would skip the per-epoch validation
+  c.log_every = per_epoch
 
 
 def paper(dataset: str, horizon: int, variant: str = "mha") -> ml_collections.ConfigDict:
@@ -131,7 +137,7 @@ def tiny(variant: str = "mha") -> ml_collections.ConfigDict:
   c.data.update(seq_len=128, horizon=24)
   c.model.update(num_layers=2, d_mlp=32, dropout=0.0)
   c.attention = attention_config(variant, 4, 16)
-  c.train.update(steps=150, batch_size=32, lr=1e-3)
+  c.train.update(steps=150, batch_size=32, lr=1e-3, steps_per_call=75)
   c.eval.update(every=75, batch_size=1024)
   c.log_every, c.checkpoint_every = 25, 150
   return c

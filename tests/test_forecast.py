@@ -1,6 +1,8 @@
-"""Forecasting: LTSF splits and scaling, no look-ahead, TFDS == CSV, resumable batches,
-non-causal attention, config errors, and a tiny model that beats repeat-last on ETTh1."""
+"""Forecasting: LTSF splits and scaling, no look-ahead, TFDS == CSV, resumable host batches,
+on-device batches (every window once per epoch, epoch boundaries, exact resume), non-causal
+attention, config errors, and a tiny model that beats repeat-last on ETTh1."""
 
+import functools
 import json
 import shutil
 
@@ -122,6 +124,61 @@ def test_train_batches_resume_and_epochs():
     fdata.TrainBatches(w, 16, seed=5).set_state(state)
 
 
+def _device_order(seed, epoch, n):
+  key = jax.random.fold_in(jax.random.key(seed), epoch)
+  return np.asarray(jax.random.permutation(key, n))
+
+
+def test_device_batches_visit_every_window_once_and_match_windows():
+  # unique values: a window is identified by its first value
+  w = fdata.Windows(np.arange(1200, dtype=np.float32).reshape(400, 3), 16, 8)  # 377 windows
+  fn = jax.jit(fdata.device_batch_fn(w, 29))  # 13 steps = one epoch
+  batches = [jax.device_get(fn(7, k)) for k in range(13)]
+  starts = np.concatenate([b["x_BLC"][:, 0, 0] for b in batches]).astype(int) // 3
+  assert sorted(starts) == list(range(377))
+  np.testing.assert_array_equal(starts, _device_order(7, 0, 377))
+  for k, b in enumerate(batches):
+    x, y = w.batch(starts[29 * k:29 * (k + 1)])
+    np.testing.assert_array_equal(b["x_BLC"], x)
+    np.testing.assert_array_equal(b["y_BHC"], y)
+    assert b["seed_B2"].dtype == np.uint32
+    np.testing.assert_array_equal(b["seed_B2"], np.stack(
+        [np.full(29, 7), np.arange(29 * k, 29 * (k + 1))], axis=1))
+  # real data (ETTh1 train rows): exactly the host Windows arrays; vmapped seeds draw their own
+  s = fdata.load_splits("etth1", seq_len=64, source="csv")
+  w = fdata.Windows(s.train[:300], 64, 16)  # 221 windows, 13 batches of 17
+  fn = jax.jit(jax.vmap(fdata.device_batch_fn(w, 17), in_axes=(0, None)))
+  order = _device_order(1, 0, len(w))
+  seen = []
+  for k in range(13):
+    b = jax.device_get(fn(jnp.asarray([1, 2], jnp.int32), k))
+    idx = order[17 * k:17 * (k + 1)]
+    x, y = w.batch(idx)
+    np.testing.assert_array_equal(b["x_BLC"][0], x)
+    np.testing.assert_array_equal(b["y_BHC"][0], y)
+    assert not np.array_equal(b["x_BLC"][1], x)
+    seen += list(idx)
+  assert sorted(seen) == list(range(221))
+
+
+@pytest.mark.parametrize("batch_size", [16, 50, 86])
+def test_device_batches_straddle_epochs(batch_size):
+  w = fdata.Windows(np.arange(300, dtype=np.float32).reshape(100, 3), 10, 5)  # 86 windows
+  fn = jax.jit(fdata.device_batch_fn(w, batch_size))
+  steps = -(-3 * 86 // batch_size) + 1  # past three epochs, batches straddling boundaries
+  got = np.concatenate([np.asarray(fn(3, k)["x_BLC"][:, 0, 0]) for k in range(steps)])
+  got = got.astype(int) // 3
+  want = np.concatenate([_device_order(3, e, 86) for e in range(len(got) // 86 + 1)])
+  np.testing.assert_array_equal(got, want[:len(got)])
+  for e in range(3):
+    assert sorted(got[86 * e:86 * (e + 1)]) == list(range(86))
+  pos = fn(3, steps - 1)["seed_B2"][:, 1]
+  np.testing.assert_array_equal(pos, (steps - 1) * batch_size + np.arange(batch_size))
+  with pytest.raises(ValueError, match=r"train.batch_size=87 is invalid .*allowed values "
+                                       r"are 1..86"):
+    fdata.device_batch_fn(w, 87)
+
+
 def test_eval_batches_pad_and_mark():
   w = fdata.Windows(np.zeros((50, 2), np.float32), 10, 5)  # 36 windows
   bs = fdata.eval_batches(w, 16)
@@ -165,6 +222,20 @@ def test_missing_file(tmp_path):
   assert not (tmp_path / "run" / "checkpoints").exists()
 
 
+def test_bad_pipeline_and_device_batch_size():
+  c = fc_configs.get_config("tiny")
+  c.data.pipeline = "gpu"
+  with pytest.raises(ValueError, match=r"data.pipeline='gpu' is invalid: allowed values are "
+                                       r"\('host', 'device'\)"):
+    tasks_lib.build(c)
+  c = fc_configs.get_config("tiny")
+  c.data.source = "csv"
+  c.train.batch_size = 10 ** 5
+  with pytest.raises(ValueError, match=r"train.batch_size=100000 is invalid with "
+                                       r"data.pipeline='device'"):
+    tasks_lib.build(c)
+
+
 def test_missing_column():
   c = fc_configs.get_config("tiny")
   c.data.columns = ("OT", "NOPE")
@@ -189,6 +260,11 @@ def test_presets_and_sweeps():
   assert (c.data.seq_len, c.data.horizon, c.attention.variant) == (512, 336, "mlr")
   assert c.attention.causal is False and c.model.patch_len == 16 and c.model.stride == 8
   assert fc_configs.get_config("illness-60").data.seq_len == 104
+  for name in ("etth1-96", "illness-24", "exchange-720", "vic_elec-96"):
+    p = fc_configs.get_config(name)  # device batches, an epoch per call, validated per epoch
+    assert p.data.pipeline == "device" and p.train.steps_per_call == p.eval.every == p.log_every
+    assert p.train.steps_per_call * p.train.batch_size >= fc_configs.train_windows(
+        p.data.dataset, p.data.seq_len, p.data.horizon)
   with pytest.raises(ValueError, match="unknown preset"):
     fc_configs.get_config("etth1-100")
   for name in ("sweep-table-tiny", "sweep-table-paper"):
@@ -208,9 +284,11 @@ def test_presets_and_sweeps():
 # ------------------------------------------------------------------------------ training
 
 
-def test_tiny_model_beats_repeat_last(tmp_path):
+@pytest.mark.parametrize("pipeline", ["device", "host"])
+def test_tiny_model_beats_repeat_last(tmp_path, pipeline):
   c = fc_configs.get_config("tiny-mlr")
   c.data.source = "csv"
+  c.data.pipeline = pipeline
   c.train.steps = 120
   c.eval.every = 60
   c.progress = False
@@ -222,9 +300,61 @@ def test_tiny_model_beats_repeat_last(tmp_path):
   assert saved["test/windows"] == 2880 - 24 + 1
   assert saved["test/mse"] < 0.8 * saved["baseline/test_mse_repeat_last"]
   assert saved["test/mae"] < saved["baseline/test_mae_repeat_last"]
+  assert saved["data/pipeline"] == pipeline
   rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
   assert rows[-1]["train/loss"] < rows[0]["train/loss"]
   assert "eval/mse" in rows[-1] and rows[-1]["eval/mse_sem"] > 0
+  assert [r["step"] for r in rows] == [1, 25, 50, 75, 100, 120]
+
+
+def _device_run(steps, **train):
+  c = fc_configs.get_config("tiny")
+  c.data.source = "csv"
+  c.progress = False
+  c.data.seq_len = 64
+  c.model.update(num_layers=1, dropout=0.1)  # dropout keys from the batches' seed_B2
+  c.train.update(steps=steps, lr=3e-3, schedule="constant", **train)
+  c.eval.update(every=20, select_best=False)
+  c.log_every, c.checkpoint_every = 10, 20
+  return c
+
+
+def test_device_pipeline_resume_is_exact(tmp_path):
+  """Stopped at a checkpoint and resumed (a fresh setup; batches are a function of (seed,
+  step)): the same run as an uninterrupted one, dropout included."""
+  full = train_lib.train(_device_run(40), str(tmp_path / "full"))
+  train_lib.train(_device_run(20), str(tmp_path / "resumed"))
+  resumed = train_lib.train(_device_run(40), str(tmp_path / "resumed"))
+  assert resumed["resumed_from"] == 20 and resumed["status"] == "completed"
+  rows = {k: [json.loads(l) for l in (tmp_path / k / "metrics.jsonl").read_text().splitlines()]
+          for k in ("full", "resumed")}
+  assert [r["step"] for r in rows["full"]] == [r["step"] for r in rows["resumed"]]
+  for a, b in zip(rows["full"], rows["resumed"]):
+    np.testing.assert_allclose(a["train/loss"], b["train/loss"], rtol=1e-5)
+  np.testing.assert_allclose(full["test/mse"], resumed["test/mse"], rtol=1e-5)
+
+
+def test_device_batches_with_grad_accum():
+  """train.grad_accum splits a device batch into micro-batches: without dropout the step
+  equals one on the whole batch; with dropout each micro-batch has its own key."""
+  from structattn.forecast import task as ftask
+  from structattn.optim import make_optimizer
+  c = _device_run(10)
+  c.model.dropout = 0.0
+  setup = tasks_lib.build(c)
+  graphdef, params_state, rest = nnx.split(setup.model, nnx.Param, ...)
+  params = nnx.to_pure_dict(params_state)
+  tx, _ = make_optimizer(c.train, params_state)
+  batch = setup.batch_fn(jnp.int32(0), jnp.int32(3))
+  out = {}
+  for accum in (1, 4):
+    step = jax.jit(functools.partial(train_lib.train_step, graphdef=graphdef, rest=rest, tx=tx,
+                                     accum=accum, loss=setup.loss))
+    out[accum] = step(params, tx.init(params), batch)
+  np.testing.assert_allclose(out[1][2]["train/loss"], out[4][2]["train/loss"], rtol=1e-5)
+  np.testing.assert_allclose(out[1][2]["grad_norm"], out[4][2]["grad_norm"], rtol=1e-4)
+  micro = [ftask._key({"seed_B2": batch["seed_B2"][i:i + 8]}) for i in range(0, 32, 8)]
+  assert len({tuple(np.asarray(jax.random.key_data(k)).ravel()) for k in micro}) == 4
 
 
 def test_best_validation_selection_scores_test_with_the_best_parameters(tmp_path):

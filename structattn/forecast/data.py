@@ -4,6 +4,7 @@
     train = Windows(splits.train, seq_len=512, horizon=96)       # len(train) windows
     x_BLC, y_BHC = train.batch(np.arange(8))                    # look-back, horizon
     it = TrainBatches(train, batch_size=128, seed=0)            # next / get_state / set_state
+    batch_fn = device_batch_fn(train, batch_size=128)           # jittable (seed, step) -> batch
 
 Datasets (`data.dataset`): etth1, etth2, exchange, illness (CSV files `ETTh1.csv`, `ETTh2.csv`,
 `exchange_rate.csv`, `national_illness.csv` in `data.data_dir`) and vic_elec (half-hourly
@@ -28,6 +29,12 @@ Sources (`data.source`): 'tfds' writes the splits once as a TFDS array_record da
 example per split and channel; `tfds_data.py`, no TensorFlow) and reads it back with
 `as_data_source`; 'csv' computes the same arrays straight from the CSV (bit-identical, checked
 by the tests); 'auto' uses tfds when tensorflow_datasets is importable, else csv.
+
+Train batches (`data.pipeline`): 'device' (`device_batch_fn`, the default of the presets)
+gathers them inside the compiled step from the train split held on device, a pure function
+of (seed, step), so the loop fuses `train.steps_per_call` steps per call and vmapped seeds
+draw their own; 'host' (`TrainBatches`) builds them in numpy and feeds one per step. The two
+visit the windows in different (equally uniform) orders.
 """
 
 from __future__ import annotations
@@ -337,6 +344,49 @@ class TrainBatches:
       raise ValueError(f"train iterator state {json.dumps(state)} belongs to another run "
                        f"(seed={self.seed}, {len(self.windows)} windows)")
     self.position = int(state["position"])
+
+
+PIPELINES = ("host", "device")
+
+
+def device_batch_fn(windows: Windows, batch_size: int):
+  """`batch_fn(seed, step) -> batch`, pure and jittable (data.pipeline='device'): the train
+  split is a constant of the compiled step and batch `step` gathers the windows at stream
+  positions step*B .. step*B+B-1, where epoch e visits every window once in the order
+  `jax.random.permutation(fold_in(key(seed), e), N)`. A batch may straddle two epochs (at
+  most two: B <= N). Batches carry `seed_B2` = (seed, stream position) as `TrainBatches`
+  does (dropout keys). Positions are uint32 (they wrap after 2**32 windows)."""
+  import jax
+  import jax.numpy as jnp
+
+  n, b = len(windows), int(batch_size)
+  if not 1 <= b <= n:
+    raise ValueError(f"train.batch_size={batch_size} is invalid with data.pipeline='device': "
+                     f"a batch may span at most two epochs of the {n} train windows; allowed "
+                     f"values are 1..{n} (or data.pipeline='host')")
+  values_NC = np.asarray(windows.values_NC, np.float32)  # a constant of the compiled step
+  span = windows.seq_len + windows.horizon
+
+  def order(seed, epoch):
+    return jax.random.permutation(jax.random.fold_in(jax.random.key(seed), epoch), n)
+
+  def batch_fn(seed, step):
+    pos_B = (jnp.asarray(step).astype(jnp.uint32) * jnp.uint32(b) +
+             jnp.arange(b, dtype=jnp.uint32))
+    epoch_B, within_B = pos_B // jnp.uint32(n), pos_B % jnp.uint32(n)
+    first, last = epoch_B[0], epoch_B[-1]
+    perm_a = order(seed, first)
+    # the second epoch's order only when the batch straddles (a real branch: the predicate
+    # depends on the step only, which vmapped members share)
+    perm_b = jax.lax.cond(last == first, lambda: perm_a, lambda: order(seed, last))
+    idx_B = jnp.where(epoch_B == first, perm_a[within_B], perm_b[within_B]).astype(jnp.int32)
+    w_BTC = jax.vmap(lambda i: jax.lax.dynamic_slice_in_dim(values_NC, i, span))(idx_B)
+    seed_B2 = jnp.stack([jnp.broadcast_to(jnp.asarray(seed).astype(jnp.uint32), (b,)), pos_B],
+                        axis=1)
+    return {"x_BLC": w_BTC[:, :windows.seq_len], "y_BHC": w_BTC[:, windows.seq_len:],
+            "seed_B2": seed_B2}
+
+  return batch_fn
 
 
 def repeat_last_baseline(windows: Windows, batch_size: int = 1024) -> dict[str, float]:

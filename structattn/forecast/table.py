@@ -10,7 +10,9 @@ Each (dataset, horizon, variant) is one group of seeds trained vmapped in one pr
 and a group is not started when less than `--min_left_s` of the deadline remains. Writes
 OUT/summary.json (per group: per-seed test/val MSE and MAE, mean and sample std over seeds,
 steps, wall time, device, versions) after every group, and OUT/table.md at the end; run
-directories go to `--runs` (default OUT/runs).
+directories go to `--runs` (default OUT/runs). Train batches are gathered on device (the
+presets' `data.pipeline='device'`, an epoch of steps per compiled call, every seed of a group
+drawing its own order); `--set data.pipeline=host` feeds numpy batches instead.
 """
 
 from __future__ import annotations

@@ -4,13 +4,16 @@
     setup = build(config)   # structattn.tasks.TaskSetup
 
 Training loss: MSE over (windows, horizon, channels) of the standardised series, dropout
-`model.dropout` keyed by the batch's (seed, step). Held-out metrics per window (MSE and MAE
-over horizon x channels); `summarize` gives `{prefix}/mse`, `{prefix}/mae`, their standard
-errors over windows (windows overlap, so the SEM understates the uncertainty) and the window
-count. The loop evaluates the val split during training (`eval/...`) and the full test split
-once at the end (`test/mse`, `test/mae` in result.json). Compute: per window (all channels),
-`paper_macs_per_unit` = forward MACs of the encoder (paper convention, patch embedding and
-head excluded), `train_flops_per_unit` = 6 x exact forward MACs including embedding and head.
+`model.dropout` keyed by the batch's (seed, stream position). Train batches are gathered on
+device inside the compiled step (`data.pipeline='device'`, `data.device_batch_fn`) or built
+on the host (`'host'`, `data.TrainBatches`; also what configs without the field get).
+Held-out metrics per window (MSE and MAE over horizon x channels); `summarize` gives
+`{prefix}/mse`, `{prefix}/mae`, their standard errors over windows (windows overlap, so the
+SEM understates the uncertainty) and the window count. The loop evaluates the val split
+during training (`eval/...`) and the full test split once at the end (`test/mse`, `test/mae`
+in result.json). Compute: per window (all channels), `paper_macs_per_unit` = forward MACs of
+the encoder (paper convention, patch embedding and head excluded), `train_flops_per_unit` =
+6 x exact forward MACs including embedding and head.
 """
 
 from __future__ import annotations
@@ -77,6 +80,10 @@ def build(config: ml_collections.ConfigDict) -> tasks_lib.TaskSetup:
   d = config.data
   seq_len, horizon = int(d.seq_len), int(d.horizon)
   info = fdata.dataset_info(d.dataset)
+  pipeline = d.get("pipeline", "host")  # configs written before data.pipeline: host batches
+  if pipeline not in fdata.PIPELINES:
+    raise ValueError(f"data.pipeline={pipeline!r} is invalid: allowed values are "
+                     f"{fdata.PIPELINES}")
   # Cheap checks before any file is parsed or any model built: the CSV, its columns, the
   # split arithmetic of the documented row count.
   path = fdata.csv_path(d.dataset, d.data_dir)
@@ -87,7 +94,10 @@ def build(config: ml_collections.ConfigDict) -> tasks_lib.TaskSetup:
   fdata.check_horizon(horizon, splits.borders, seq_len, d.dataset)
   windows = {k: fdata.Windows(splits[k], seq_len, horizon) for k in fdata.SPLITS}
   bs, ebs = int(config.train.batch_size), int(config.eval.batch_size)
-  train = fdata.TrainBatches(windows["train"], bs, int(config.seed))
+  if pipeline == "device":
+    data = {"batch_fn": fdata.device_batch_fn(windows["train"], bs)}
+  else:
+    data = {"train_batches": fdata.TrainBatches(windows["train"], bs, int(config.seed))}
   c = len(splits.columns)
   macs = model.macs_per_series()
   counts = model.param_counts()
@@ -95,7 +105,7 @@ def build(config: ml_collections.ConfigDict) -> tasks_lib.TaskSetup:
   return tasks_lib.TaskSetup(
       model=model, loss=make_loss(float(config.model.get("dropout", 0.0))),
       eval_metrics=eval_metrics, summarize=summarize,
-      eval_batches=fdata.eval_batches(windows["val"], ebs), train_batches=train,
+      eval_batches=fdata.eval_batches(windows["val"], ebs), **data,
       test_batches=fdata.eval_batches(windows["test"], ebs),
       units_per_step=bs, unit="windows",
       paper_macs_per_unit=c * macs["paper"], train_flops_per_unit=6 * c * macs["true_fwd"],
@@ -105,6 +115,7 @@ def build(config: ml_collections.ConfigDict) -> tasks_lib.TaskSetup:
       info={"params/total": counts["total"], "params/non_embedding": counts["non_embedding"],
             "params/encoder": counts["encoder"], "params/head": counts["head"],
             "data/source": splits.source, "data/sha256": splits.sha256,
+            "data/pipeline": pipeline,
             "data/channels": list(splits.columns), "data/borders": splits.borders,
             "data/windows": {k: len(w) for k, w in windows.items()},
             "model/num_patches": model.n,
