@@ -392,3 +392,25 @@ def test_best_validation_selection_scores_test_with_the_best_parameters(tmp_path
   resumed = train_lib.train(c2, str(tmp_path / "c"))
   assert resumed["select/best_step"] == res["select/best_step"]
   assert resumed["test/mse"] == pytest.approx(res["test/mse"], rel=1e-5)
+
+
+def test_table_reuses_a_finished_group_without_training(tmp_path):
+  """`python -m structattn.forecast.table` on a runs dir whose group already completed reads
+  the seeds' result.json files instead of training again (so a cut-off table resumes)."""
+  import json as json_lib
+  import time as time_lib
+  from structattn.forecast import table
+  runs = tmp_path / "runs"
+  for seed, mse in ((0, 0.40), (1, 0.42)):
+    d = runs / f"etth1-96-mlr-s{seed}"
+    d.mkdir(parents=True)
+    (d / "result.json").write_text(json_lib.dumps({
+        "status": "completed", "test/mse": mse, "test/mae": mse + 0.03,
+        "final/val_mse": 0.7, "final/val_mae": 0.6, "device": "test-card"}))
+  job = ("etth1", 96, "mlr", [0, 1], {}, 0, str(runs), time_lib.time() + 60, 0.0)
+  row = table.run_group(job)
+  assert row["status"] == "completed" and row["device"] == "test-card"
+  assert row["test/mse"] == [0.40, 0.42]
+  assert abs(row["test/mse_mean"] - 0.41) < 1e-12
+  (runs / "etth1-96-mlr-s1" / "result.json").write_text(json_lib.dumps({"status": "failed: x"}))
+  assert table.finished_results([str(runs / f"etth1-96-mlr-s{s}") for s in (0, 1)]) is None

@@ -54,6 +54,20 @@ def job_config(dataset, horizon, variant, seed, overrides, epochs):
   return c
 
 
+def finished_results(dirs) -> list[dict] | None:
+  """The result.json of every run dir if all of them completed, else None."""
+  results = []
+  for d in dirs:
+    path = Path(d) / "result.json"
+    if not path.exists():
+      return None
+    r = json.loads(path.read_text())
+    if r.get("status") != "completed":
+      return None
+    results.append(r)
+  return results
+
+
 def run_group(job):
   """Worker: one vmapped group; returns a summary row (or a skipped/failed row)."""
   dataset, horizon, variant, seeds, overrides, epochs, runs, deadline, min_left = job
@@ -66,13 +80,16 @@ def run_group(job):
     configs = [job_config(dataset, horizon, variant, s, overrides, epochs) for s in seeds]
     name = f"{dataset}-{horizon}-{variant}"
     dirs = [str(Path(runs) / f"{name}-s{s}") for s in seeds]
-    results = train.train_group(configs, dirs, group_dir=str(Path(runs) / f"group-{name}"))
+    results = finished_results(dirs)  # a group whose every seed completed is not rerun
+    if results is None:
+      results = train.train_group(configs, dirs, group_dir=str(Path(runs) / f"group-{name}"))
   except Exception as e:  # noqa: BLE001  (reported in the table, the other groups go on)
     return {**row, "status": f"failed: {type(e).__name__}: {str(e)[:500]}",
             "wall_s": time.time() - t0}
   out = {**row, "status": "completed", "wall_s": time.time() - t0,
          "steps": int(configs[0].train.steps), "batch_size": int(configs[0].train.batch_size),
-         "device": rundir.device_description(), "versions": rundir.versions()}
+         "device": results[0].get("device") or rundir.device_description(),
+         "versions": results[0].get("versions") or rundir.versions()}
   for key in ("test/mse", "test/mae", "final/val_mse", "final/val_mae"):
     vals = [float(r[key]) for r in results]
     out[key] = vals
