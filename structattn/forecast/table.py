@@ -7,7 +7,10 @@
 Each (dataset, horizon, variant) is one group of seeds trained vmapped in one process
 (`structattn.train.train_group` on the `configs/forecast.py` preset `<dataset>-<horizon>-
 <variant>`); groups run in `--workers` spawned processes, in the order given (dataset-major),
-and a group is not started when less than `--min_left_s` of the deadline remains. Writes
+and a group is not started when less than `--min_left_s` of the deadline remains. With
+several workers each preallocates 0.9/workers of the GPU (`XLA_PYTHON_CLIENT_MEM_FRACTION`
+overrides it); exchange needs about 12 GB per group, so use at most 6 workers on an 80 GB card.
+A group whose seeds all completed under `--runs` is read back, not retrained. Writes
 OUT/summary.json (per group: per-seed test/val MSE and MAE, mean and sample std over seeds,
 steps, wall time, device, versions) after every group, and OUT/table.md at the end; run
 directories go to `--runs` (default OUT/runs). Train batches are gathered on device (the
@@ -149,7 +152,11 @@ def main(argv=None):
     for h in horizons:
       for v in args.variants.split(","):
         jobs.append((ds, h, v, seeds, overrides, args.epochs, runs, deadline, args.min_left_s))
-  os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+  # Each worker gets its own slice of the GPU (preallocated), so one group that needs more
+  # memory fails on its own instead of starving the others: 12 workers growing freely on one
+  # H100 ran out of memory in 17 groups. Exchange (D=128) needs about 12 GB per group of 3 seeds.
+  if args.workers > 1 and "XLA_PYTHON_CLIENT_MEM_FRACTION" not in os.environ:
+    os.environ["XLA_PYTHON_CLIENT_MEM_FRACTION"] = f"{0.9 / args.workers:.3f}"
   rows = []
 
   def write():
