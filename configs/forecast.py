@@ -108,8 +108,7 @@ def _set_steps(c, epochs: int) -> None:
   c.eval.every = per_epoch  # validation every epoch, as PatchTST (best-validation selection)
   c.train.steps_per_call = per_epoch  # device batches: up to an epoch per compiled call
   c.checkpoint_every = c.train.steps // 2 or 1
-  # log (and so evaluate: the loop evaluates at log steps) once per epoch; a log interval
-  # that does not divide the epoch would skip the per-epoch validation
+  # log and validate once per epoch
   c.log_every = per_epoch
 
 

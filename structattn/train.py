@@ -436,7 +436,8 @@ def _run(configs, workdirs, vmapped: bool, group_dir: str | None = None):
       step += n
       window_steps += n
       is_last = step == steps
-      if step % log_every == 0 or is_last or step == 1:
+      # An eval step is also a log step, so `eval.every` need not be a multiple of log_every.
+      if step % log_every == 0 or step % eval_every == 0 or is_last or step == 1:
         metrics = jax.device_get(metrics)
         dt = (time.time() - window_t) / window_steps
         window_t, window_steps = time.time(), 0

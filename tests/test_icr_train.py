@@ -42,6 +42,15 @@ def test_icr_run_logs_the_contract_and_baselines(tmp_path):
   assert res["final/eval_last_point_se"] == last["eval/last_point_se"]
 
 
+def test_eval_interval_need_not_divide_the_log_interval(tmp_path):
+  c = tiny(steps=30)
+  c.log_every, c.eval.every = 10, 15
+  train_lib.train(c, str(tmp_path))
+  r = rows(tmp_path)
+  assert [x["step"] for x in r] == [1, 10, 15, 20, 30]
+  assert [x["step"] for x in r if "eval/mse" in x] == [15, 30]
+
+
 def test_steps_per_call_does_not_change_the_result(tmp_path):
   a, b = tiny(steps=24), tiny(steps=24)
   a.train.steps_per_call, b.train.steps_per_call = 1, 7
