@@ -205,7 +205,22 @@ def analyze_lm_scaling(root: Path, out: Path) -> dict[str, Any]:
   curves = _curves(root, "eval/loss")
   cmp = _compare_at_equal_compute(curves, "attention.variant")
   return {"figure": "lm-scaling", "files": paths, "fits": fits.to_dict(),
-          "frontier_at_equal_compute": cmp, "table": fits.format()}
+          "frontier_at_equal_compute": cmp, "mlr_frontier_lowest": mlr_frontier_lowest(cmp),
+          "table": fits.format()}
+
+
+def mlr_frontier_lowest(cmp: Mapping[str, Any]) -> dict[str, Any] | None:
+  """The paper's LM claim on the measured range: at each shared compute point, whether MLR's
+  frontier is below every other variant's (None when MLR or a rival is missing)."""
+  at = cmp.get("at") or {}
+  if "mlr" not in at or len(at) < 2:
+    return None
+  mlr = np.array(at["mlr"])
+  rivals = {k: np.array(v) for k, v in at.items() if k != "mlr"}
+  per_point = [bool(all(mlr[i] < v[i] for v in rivals.values())) for i in range(len(mlr))]
+  return {"at_every_point": all(per_point), "per_point": per_point,
+          "margin_to_best_rival": [float(min(v[i] for v in rivals.values()) - mlr[i])
+                                   for i in range(len(mlr))]}
 
 
 def analyze_forecast_table(root: Path, out: Path) -> dict[str, Any]:

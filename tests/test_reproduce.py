@@ -74,3 +74,13 @@ def test_every_sweep_point_has_a_valid_attention_spec(figure, scale):
     seq = c.model.seq_len if "seq_len" in c.model else 2 * (c.icr.n_points or 2 * c.icr.d_input)
     spec = from_config(c.attention.to_dict(), d_model=c.model.d_model, seq_len=seq)
     assert spec.d_model == c.model.d_model, name
+
+
+def test_mlr_frontier_lowest_reads_the_claim_per_compute_point():
+  cmp = {"at": {"mha": [2.5, 1.8, 1.4], "swa": [2.5, 1.7, 1.45], "mlr": [2.1, 1.75, 1.41]}}
+  res = reproduce.mlr_frontier_lowest(cmp)
+  assert res["per_point"] == [True, False, False] and res["at_every_point"] is False
+  assert res["margin_to_best_rival"][0] == pytest.approx(0.4)
+  cmp["at"]["mlr"] = [2.0, 1.6, 1.3]
+  assert reproduce.mlr_frontier_lowest(cmp)["at_every_point"] is True
+  assert reproduce.mlr_frontier_lowest({"at": {"mha": [1.0]}}) is None
