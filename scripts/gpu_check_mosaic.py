@@ -1,18 +1,22 @@
 """One-shot H100 check of the Mosaic GPU MLR kernel (structattn.attention.mosaic_mlr).
 
-  python3 scripts/gpu_check_mosaic.py --out $OUT/mosaic.json [--deadline-s 200] [--iters 5]
+  python3 scripts/gpu_check_mosaic.py --out $OUT/mosaic.json [--deadline-s 190] [--iters 5]
+      [--probes] [--pallas] [--extras] [--seq-lens 4096,8192,16384]
 
-1. probes: compile + run the forward at T=1024 (8 levels, d64) with each kernel option
-   (default, block_k=128, no schedule barrier, PV into a fresh accumulator), so a failure
-   of one feature is told apart from the others;
-2. accuracy: bf16 Mosaic forward / Triton backward vs the XLA MLR path in float32 on the
-   same bf16-rounded inputs (relative max-abs error of out, dq, dk, dv): 8 levels
-   32|8|6|4|4|4|4|2 at d_head 64 and 4 levels with prefix widths 16|32|64|128 (ranks
-   16|16|32|64, benchmarks/attention.py MLR4_D128) at d_head 128 (block sizes
-   T/2^(l-1), finest 8 tokens at T=1024), causal, plus a non-causal 3-level case;
-3. timing: fwd and fwd+bwd of cuDNN dense (is_causal), the Mosaic MLR kernel and the
-   Pallas-Triton MLR kernel for T in 1024, 4096, 8192, 16384 at B*T = 16384 tokens,
-   12 heads at d64 / 6 heads at d128 (helpers of benchmarks/attention.py).
+1. accuracy: bf16 Mosaic forward with each backward option (backward='mosaic': the Mosaic
+   GPU dq and dk/dv kernels; backward='triton': the Pallas-Triton ones) vs the XLA MLR
+   path in float32 on the same bf16-rounded inputs (relative max-abs error of out, dq, dk,
+   dv), one XLA reference per config: 8 levels 32|8|6|4|4|4|4|2 at d_head 64 and 4 levels
+   with prefix widths 16|32|64|128 (ranks 16|16|32|64, benchmarks/attention.py MLR4_D128)
+   at d_head 128 (block sizes T/2^(l-1), finest 8 tokens at T=1024), causal, T=1024;
+   a non-causal 3-level case after the timings;
+2. timing: fwd and fwd+bwd of cuDNN dense (is_causal) and the Mosaic MLR kernel with the
+   Mosaic backward, fwd+bwd with the Triton backward (its forward is the same kernel), for
+   T in 4096, 8192, 16384 at B*T = 16384 tokens, 12 heads at d64 / 6 heads at d128
+   (helpers of benchmarks/attention.py), T-major so that the deadline cuts long T first;
+3. behind flags: --probes (forward options at T=1024: block_k=128, no schedule barrier, PV
+   into a fresh accumulator), --pallas (the Pallas-Triton MLR kernel, forward included),
+   --extras (block_k=128, the kernel on dense attention, the XLA MLR path at T=4096).
 Every case runs in its own try/except; errors are recorded in the JSON, which is rewritten
 after every step.  No new step starts after --deadline-s.
 """
@@ -44,9 +48,11 @@ MLR8, MLR4 = bench.MLR8, bench.MLR4_D128
 CASES = {  # name: (config, heads, d_head, impl, kwargs)
     "dense_cudnn_d64": (bench._mha(64), 12, 64, "cudnn", {}),
     "mlr8_mosaic_d64": (bench._mlr(64, MLR8), 12, 64, "mosaic", {}),
+    "mlr8_mosaic_tbwd_d64": (bench._mlr(64, MLR8), 12, 64, "mosaic", {"backward": "triton"}),
     "mlr8_pallas_d64": (bench._mlr(64, MLR8), 12, 64, "pallas", {}),
     "dense_cudnn_d128": (bench._mha(128), 6, 128, "cudnn", {}),
     "mlr4_mosaic_d128": (bench._mlr(128, MLR4), 6, 128, "mosaic", {}),
+    "mlr4_mosaic_tbwd_d128": (bench._mlr(128, MLR4), 6, 128, "mosaic", {"backward": "triton"}),
     "mlr4_pallas_d128": (bench._mlr(128, MLR4), 6, 128, "pallas", {}),
     # extras: tile/option variants and the kernel on plain dense attention
     "mlr8_mosaic_bk128_d64": (bench._mlr(64, MLR8), 12, 64, "mosaic", {"block_k": 128}),
@@ -95,8 +101,9 @@ def probe(name, kw, t=1024):
   return row
 
 
-def accuracy(name, cfg, d, t, causal=True, heads=2, **kw):
-  row = dict(case=name, T=t, causal=causal, kwargs=kw)
+def accuracy(name, cfg, d, t, causal=True, heads=2, backwards=("mosaic", "triton")):
+  """Rows (one per backward option) of relative errors vs the float32 XLA MLR path."""
+  rows = [dict(case=name, T=t, causal=causal, backward=bw) for bw in backwards]
   t0 = time.perf_counter()
   try:
     spec, pattern = spec_pattern(cfg, heads, d, t, causal)
@@ -107,19 +114,28 @@ def accuracy(name, cfg, d, t, causal=True, heads=2, **kw):
       out, vjp = jax.vjp(fn, *a)
       return (out,) + vjp(w.astype(out.dtype))
 
-    got = jax.jit(lambda *a: out_and_grads(fn_of(pattern, "mosaic", **kw), *a))(*args)
     ref = jax.jit(lambda *a: out_and_grads(fn_of(pattern, "xla"), *a))(
         *(x.astype(jnp.float32) for x in args))
-    errs = {n: float(jnp.abs(g.astype(jnp.float32) - r).max() / jnp.abs(r).max())
-            for n, g, r in zip(("out", "dq", "dk", "dv"), got, ref)}
-    row.update(rel_err=errs, max_rel_err=max(errs.values()), ok=max(errs.values()) < 2e-2)
   except Exception as e:
-    row.update(ok=False, error=err(e))
-  row["wall_s"] = round(time.perf_counter() - t0, 2)
-  return row
+    for row in rows:
+      row.update(ok=False, error=err(e))
+    return rows
+  for row in rows:
+    t1 = time.perf_counter()
+    try:
+      fn = fn_of(pattern, "mosaic", backward=row["backward"])
+      got = jax.jit(lambda *a: out_and_grads(fn, *a))(*args)
+      errs = {n: float(jnp.abs(g.astype(jnp.float32) - r).max() / jnp.abs(r).max())
+              for n, g, r in zip(("out", "dq", "dk", "dv"), got, ref)}
+      row.update(rel_err=errs, max_rel_err=max(errs.values()), ok=max(errs.values()) < 2e-2)
+    except Exception as e:
+      row.update(ok=False, error=err(e))
+    row["wall_s"] = round(time.perf_counter() - t1, 2)
+  rows[0]["ref_wall_s"] = round(t1 - t0, 2) if rows else None
+  return rows
 
 
-def timing(name, t, args):
+def timing(name, t, args, tags=("fwd", "fwdbwd")):
   cfg, heads, d, impl, kw = CASES[name]
   b = max(1, args.tokens // t)
   row = dict(case=name, T=t, B=b, H=heads, d_head=d, impl=impl, kwargs=kw)
@@ -132,7 +148,8 @@ def timing(name, t, args):
     fwd = fn_of(pattern, impl, **kw)
     loss = lambda q, k, v: jnp.sum(fwd(q, k, v).astype(jnp.float32))
     for tag, fn in (("fwd", fwd), ("fwdbwd", jax.value_and_grad(loss, argnums=(0, 1, 2)))):
-      bench.time_into(row, tag, fn, inputs, args.iters)
+      if tag in tags:
+        bench.time_into(row, tag, fn, inputs, args.iters)
   except Exception as e:
     row["error"] = err(e)
   row["wall_s"] = round(time.perf_counter() - t0, 2)
@@ -146,17 +163,21 @@ def ratios(rows):
     for tag, ref in (("cudnn", base), ("pallas", pal)):
       b = ref.get((r["d_head"], r["T"]))
       if b and r.get("fwdbwd_ms"):
-        r[f"fwd_x_vs_{tag}"] = r["fwd_ms"] / b["fwd_ms"]
+        if r.get("fwd_ms") and b.get("fwd_ms"):
+          r[f"fwd_x_vs_{tag}"] = r["fwd_ms"] / b["fwd_ms"]
         r[f"fwdbwd_x_vs_{tag}"] = r["fwdbwd_ms"] / b["fwdbwd_ms"]
 
 
 def main():
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--out", default="mosaic.json")
-  p.add_argument("--deadline-s", type=float, default=200.0)
+  p.add_argument("--deadline-s", type=float, default=190.0)
   p.add_argument("--iters", type=int, default=5)
   p.add_argument("--tokens", type=int, default=16384)
-  p.add_argument("--seq-lens", type=bench.ints, default=[1024, 4096, 8192, 16384])
+  p.add_argument("--seq-lens", type=bench.ints, default=[4096, 8192, 16384])
+  p.add_argument("--probes", action="store_true", help="forward option probes first")
+  p.add_argument("--pallas", action="store_true", help="also time the Pallas-Triton kernel")
+  p.add_argument("--extras", action="store_true", help="option variants at T=4096")
   args = p.parse_args()
   start = time.perf_counter()
   late = lambda: time.perf_counter() - start > args.deadline_s
@@ -181,40 +202,53 @@ def main():
   def log(msg):
     print(f"[{time.perf_counter() - start:6.1f}s] {msg}", file=sys.stderr, flush=True)
 
-  steps = [("probe", n, kw) for n, kw in (
-      ("default", {}), ("block_k=128", {"block_k": 128}),
-      ("no_schedule_barrier", {"schedule_barrier": False}), ("acc_fresh", {"acc_init": False}))]
+  steps = []
+  if args.probes:
+    steps += [("probe", n, kw) for n, kw in (
+        ("default", {}), ("block_k=128", {"block_k": 128}),
+        ("no_schedule_barrier", {"schedule_barrier": False}), ("acc_fresh", {"acc_init": False}))]
   steps += [("acc", "mlr8_d64", (bench._mlr(64, MLR8), 64, 1024, True)),
-            ("acc", "mlr4_d128", (bench._mlr(128, MLR4), 128, 1024, True)),
-            ("acc", "mlr3_d64_noncausal",
+            ("acc", "mlr4_d128", (bench._mlr(128, MLR4), 128, 1024, True))]
+  main_rows = [("mlr8_mosaic_d64", ("fwd", "fwdbwd")), ("dense_cudnn_d64", ("fwd", "fwdbwd")),
+               ("mlr8_mosaic_tbwd_d64", ("fwdbwd",)),
+               ("mlr4_mosaic_d128", ("fwd", "fwdbwd")), ("dense_cudnn_d128", ("fwd", "fwdbwd")),
+               ("mlr4_mosaic_tbwd_d128", ("fwdbwd",))]
+  if args.pallas:
+    main_rows += [("mlr8_pallas_d64", ("fwd", "fwdbwd")), ("mlr4_pallas_d128", ("fwd", "fwdbwd"))]
+  steps += [("time", n, (t, tags)) for t in args.seq_lens for n, tags in main_rows]
+  steps += [("acc", "mlr3_d64_noncausal",
              ((("variant", "mlr"), ("d_head", 64), ("mlr_ranks", (32, 16, 16)),
                ("mlr_block_sizes", (0, 256, 16)), ("mlr_divide", "block")), 64, 512, False))]
-  main_rows = ("dense_cudnn_d64", "mlr8_mosaic_d64", "mlr8_pallas_d64",
-               "dense_cudnn_d128", "mlr4_mosaic_d128", "mlr4_pallas_d128")
-  steps += [("time", n, t) for t in args.seq_lens for n in main_rows]
-  steps += [("time", n, 4096) for n in ("mlr8_mosaic_bk128_d64", "mlr4_mosaic_bk128_d128",
-                                        "dense_mosaic_d64", "mlr8_xla_d64")]
+  if args.extras:
+    steps += [("time", n, (4096, ("fwd", "fwdbwd"))) for n in (
+        "mlr8_mosaic_bk128_d64", "mlr4_mosaic_bk128_d128", "dense_mosaic_d64", "mlr8_xla_d64")]
   for kind, name, a in steps:
     if late():
       log(f"deadline: stopping before {kind} {name}")
-      res.setdefault("not_run", []).append(f"{kind} {name} {a if kind == 'time' else ''}")
+      res.setdefault("not_run", []).append(f"{kind} {name} {a[0] if kind == 'time' else ''}")
       continue
     if kind == "probe":
-      r = probe(name, a)
-      res["probes"].append(r)
+      rs = [probe(name, a)]
+      res["probes"] += rs
     elif kind == "acc":
       cfg, d, t, causal = a
-      r = accuracy(name, dict(cfg), d, t, causal)
-      res["accuracy"].append(r)
+      rs = accuracy(name, dict(cfg), d, t, causal)
+      res["accuracy"] += rs
     else:
-      r = timing(name, a, args)
-      res["rows"].append(r)
-    log(f"{kind} {name} {a if kind == 'time' else ''}: "
-        + json.dumps({k: v for k, v in r.items() if k in (
-            "ok", "rel_err", "rel_err_out", "fwd_ms", "fwdbwd_ms", "wall_s")})
-        + (f" ERROR {r['error'].splitlines()[0]}" if r.get("error") else ""))
+      rs = [timing(name, a[0], args, a[1])]
+      res["rows"] += rs
+    for r in rs:
+      log(f"{kind} {name} {a[0] if kind == 'time' else ''} {r.get('backward', '')}: "
+          + json.dumps({k: v for k, v in r.items() if k in (
+              "ok", "rel_err", "rel_err_out", "fwd_ms", "fwdbwd_ms", "wall_s")})
+          + (f" ERROR {r['error'].splitlines()[0]}" if r.get("error") else ""))
     save()
   save()
+  for r in res["accuracy"]:
+    e = r.get("rel_err") or {}
+    print(f"acc {r['case']:20s} T={r['T']:5d} bwd={r['backward']:6s} ok={r.get('ok')} "
+          + " ".join(f"{n} {v:.1e}" for n, v in e.items())
+          + (f" {r['error'].splitlines()[0]}" if r.get("error") else ""))
   for r in res["rows"]:
     print(f"{r['case']:24s} T={r['T']:6d} fwd {r.get('fwd_ms', float('nan')):8.3f} ms  "
           f"fwd+bwd {r.get('fwdbwd_ms', float('nan')):8.3f} ms  "

@@ -1,5 +1,5 @@
-"""Mosaic GPU MLR forward (GPU interpret mode on CPU) + Triton backward (Pallas interpreter)
-against the float64 masked-dense oracle, values and gradients.
+"""Mosaic GPU MLR forward and backward (GPU interpret mode on CPU), and the Triton backward
+option (Pallas interpreter), against the float64 masked-dense oracle, values and gradients.
 
 The kernel computes in bfloat16 with float32 accumulation; inputs are rounded to bf16
 first so the oracle sees the same operands, and tolerances are set for bf16 rounding of
@@ -93,6 +93,23 @@ def test_matches_reference_values_and_grads(name):
 
 
 @needs_interpret
+@pytest.mark.parametrize("name", ["mlr8_paper", "mlr4_d128"])
+def test_triton_backward_option(name):
+  """backward='triton': the Pallas-Triton dq/dk/dv kernels behind the Mosaic forward."""
+  pat, t, kw = CASES[name]
+  _check(pat, t, backward="triton", **kw)
+
+
+@needs_interpret
+def test_mosaic_backward_batch_heads():
+  """Mosaic backward with several batch rows and heads (grid axes) and a non-causal
+  d128 pattern whose far levels lie on both sides of the near tiles."""
+  pat = P(("global", "block", "block"), (0, 128, 16), (48, 48, 32), causal=False,
+          divide="levels")
+  _check(pat, 256, k=128, dv=64, b=2, h=2, seed=5)
+
+
+@needs_interpret
 def test_batch_heads_and_bf16_io():
   """Several batch rows and heads; bf16 in, bf16 out, close to the XLA core."""
   pat = P(("global", "block", "block"), (0, 64, 16), (32, 16, 16), divide="block")
@@ -114,6 +131,8 @@ def test_rejects_unsupported():
                   P(("global", "block"), (0, 32), (32, 32), causal=False))
   with pytest.raises(ValueError, match="block_k"):
     mlr_attention(q, q, q, P(("global",), (0,), (64,)), block_k=32)
+  with pytest.raises(ValueError, match="backward"):
+    mlr_attention(q, q, q, P(("global",), (0,), (64,)), backward="xla")
 
 
 def test_impl_mosaic_falls_back_off_gpu():
@@ -124,20 +143,39 @@ def test_impl_mosaic_falls_back_off_gpu():
   np.testing.assert_allclose(out, core.blocked_attention(q, k, v, pat), rtol=1e-6, atol=1e-6)
 
 
-@needs_interpret
-@pytest.mark.parametrize("widths,sizes,kw", [
+LOWER_CASES = [
     ((32, 8, 6, 4, 4, 4, 4, 2), (0, 512, 256, 128, 64, 32, 16, 8), dict()),
     ((16, 16, 32, 64), (0, 512, 256, 128), dict(block_k=128)),
-])
+]
+
+
+def _lower_cuda(f, *args):
+  try:
+    return jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+  except Exception as e:  # noqa: BLE001
+    if "cuda" in str(e).lower() and "platform" in str(e).lower():
+      pytest.skip(f"no CUDA lowering in this jaxlib: {e}")
+    raise
+
+
+@needs_interpret
+@pytest.mark.parametrize("widths,sizes,kw", LOWER_CASES)
 def test_lowers_to_mosaic_gpu_for_cuda(widths, sizes, kw):
   """The forward lowers through Pallas Mosaic GPU for CUDA without a GPU (paper configs)."""
   pat = P(("global",) + ("block",) * (len(widths) - 1), sizes, widths, divide="block")
   q = jax.ShapeDtypeStruct((1, 1024, 2, sum(widths)), jnp.bfloat16)
   f = lambda q, k, v: mosaic_mlr.mlr_attention_mosaic(q, k, v, pat, **kw)
-  try:
-    txt = jax.jit(f).trace(q, q, q).lower(lowering_platforms=("cuda",)).as_text()
-  except Exception as e:  # noqa: BLE001
-    if "cuda" in str(e).lower() and "platform" in str(e).lower():
-      pytest.skip(f"no CUDA lowering in this jaxlib: {e}")
-    raise
-  assert "mosaic_gpu" in txt
+  assert "mosaic_gpu" in _lower_cuda(f, q, q, q)
+
+
+@needs_interpret
+@pytest.mark.parametrize("widths,sizes,kw", LOWER_CASES)
+def test_backward_lowers_to_mosaic_gpu_for_cuda(widths, sizes, kw):
+  """The Mosaic backward (dq and dk/dv kernels: three Mosaic GPU calls with the forward)
+  lowers for CUDA without a GPU."""
+  pat = P(("global",) + ("block",) * (len(widths) - 1), sizes, widths, divide="block")
+  q = jax.ShapeDtypeStruct((1, 1024, 2, sum(widths)), jnp.bfloat16)
+  loss = lambda q, k, v: jnp.sum(
+      mosaic_mlr.mlr_attention_mosaic(q, k, v, pat, **kw).astype(jnp.float32))
+  txt = _lower_cuda(jax.grad(loss, argnums=(0, 1, 2)), q, q, q)
+  assert txt.count("mosaic_gpu") >= 3 and "triton" not in txt.lower()

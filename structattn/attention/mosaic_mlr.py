@@ -19,9 +19,18 @@ Causal tiles after the diagonal are skipped.  Online softmax in base 2, fp32 acc
 bf16/fp16 operands (float32 inputs are rounded to bf16).  Level scales are folded into q
 by the caller; the per-level divisor (divide='block'/'levels') is a static per-loop scale.
 
-Backward: the Pallas-*Triton* dq and dk/dv kernels of `pallas_mlr` behind the custom VJP
-(recomputing P from this forward's base-2 log-sum-exp); a Mosaic GPU backward is future
-work.
+Backward (backward='mosaic', default): two Mosaic GPU kernels adapted from the same file,
+after delta = rowsum(dO * O) in XLA.  dq: a CTA holds 2 x 64 query rows (q, dO, lse,
+delta resident), the memory warpgroup streams 64-row key/value tiles; per tile pair it
+recomputes S over the level's prefix chunks (as the forward), P = exp2(S - lse),
+dP = dO V^T, dS = P (dP - delta) and adds (dS / div) K to the dq chunks inside P_l (the
+chunk cut by P_l accumulates in a temporary masked after the loop).  dk/dv: a CTA holds
+2 x 64 key rows (k, v resident), q / dO / lse / delta tiles are streamed; S^T, P^T,
+dV += P^T dO, dP^T = V dO^T, dK += (dS^T / div) Q, with the same level ranges (rows =
+keys: `pallas_mlr._ranges(..., rows_are_queries=False)`).  Near tiles compute one
+product per level segment; segment [P_{l-1}, P_l) of the gradient gets only the pairs
+whose deepest shared level is >= l, each with its own divisor (the maths of the Triton
+backward).  backward='triton': the Pallas-Triton dq and dk/dv kernels of `pallas_mlr`.
 
 Layout: q and k are passed to the kernel as (B, H, C, T, 64) (C = padded width / 64) so
 that a tile's 64-column chunks are separate TMA/wgmma operands; v stays (B, T, H, Wv).
@@ -316,6 +325,434 @@ def _forward(qc, kc, v, cfg: MosaicConfig, interpret):
   return o, lse
 
 
+# ------------------------------------------------------------------------------ backward
+
+
+def _mma(cfg: MosaicConfig, accs, pairs):
+  """accs[i] += a_i . b_i for (a_i, b_i) = pairs[i] (wgmma, fp32 accumulators)."""
+  if cfg.acc_init:
+    def f(refs):
+      for r, (a, b_) in zip(refs, pairs):
+        plgpu.wgmma(r, a, b_)
+    return list(pl.run_state(f)(tuple(plgpu.ACC.init(x) for x in accs)))
+
+  def g(*refs):
+    for r, (a, b_) in zip(refs, pairs):
+      plgpu.wgmma(r, a, b_)
+    return tuple(r[...] for r in refs)
+  outs = pl.run_scoped(g, *[plgpu.ACC(x.shape, jnp.float32) for x in accs])
+  return [x + o for x, o in zip(accs, outs)]
+
+
+def _mm(shape, pairs):
+  """sum_i a_i . b_i into a fresh fp32 accumulator."""
+  def f(acc_ref):
+    for a, b_ in pairs:
+      plgpu.wgmma(acc_ref, a, b_)
+    return acc_ref[...]
+  return pl.run_scoped(f, plgpu.ACC(shape, jnp.float32))
+
+
+def _same_block(a, b, size: int):
+  if size & (size - 1) == 0:
+    sh = jnp.int32(size.bit_length() - 1)
+    return lax.shift_right_logical(a, sh) == lax.shift_right_logical(b, sh)
+  return lax.div(a, jnp.int32(size)) == lax.div(b, jnp.int32(size))
+
+
+def _grad_chunks(lv: pm.Levels, l: int):
+  """Gradient chunks of a far tile pair of level l: the full ones and the one cut by P_l."""
+  p = lv.prefix[l]
+  return list(range(p // CHUNK)), (p // CHUNK if p % CHUNK else None)
+
+
+class _Ops:
+  """Per-warpgroup helpers shared by the dq and dk/dv kernels."""
+
+  def __init__(self, cfg: MosaicConfig, stage, wg, dtype):
+    self.cfg, self.stage, self.wg, self.dtype = cfg, stage, wg, dtype
+    self.layout = plgpu.Layout.WGMMA
+
+  def a_operand(self, x, name):
+    """Register wgmma A operand (staged through SMEM in interpret mode)."""
+    if self.cfg.reg_a:
+      return x
+    buf = self.stage[name].at[self.wg]
+    buf[...] = x
+    plgpu.commit_smem()
+    return buf
+
+  def iota(self, shape, dim):
+    return plgpu.broadcasted_iota(jnp.int32, shape, dim, layout=self.layout)
+
+  def mask_cols(self, x, lo: int, hi: int):
+    """Zero the columns of a (rows, 64) chunk outside [lo, hi) (chunk-local bounds)."""
+    lo, hi = max(0, lo), min(CHUNK, hi)
+    if lo == 0 and hi == CHUNK:
+      return x
+    col = self.iota(x.shape, 1)
+    return jnp.where((col >= lo) & (col < hi), x, jnp.zeros((), x.dtype))
+
+  def fixed_chunk(self, ref, c: int, lo: int, hi: int, name):
+    """A operand: chunk c of a fixed (SMEM) tile with the columns outside [lo, hi) zeroed."""
+    lo, hi = lo - c * CHUNK, hi - c * CHUNK
+    if lo <= 0 and hi >= CHUNK:
+      return ref.at[c]
+    x = plgpu.load(ref.at[c], layout=self.layout)
+    return self.a_operand(self.mask_cols(x, lo, hi), name)
+
+  def scores(self, lv: pm.Levels, segs, g, fixed, streamed, shape, rpos, cpos, level, qk_rows):
+    """Scores (log2 domain) of a tile pair and the gradient factor: for a far pair of
+    level l, (s, None); for a near pair (s, sel) with sel(ds) -> [(level, lo, hi, G)] the
+    per-segment operands G (ds times the pair's divisor, zero where the pair's level is
+    coarser than the segment's).  fixed: SMEM (C, rows, 64) of the program's rows;
+    streamed: SMEM (C, cols, 64).  qk_rows: rows are queries (causal mask q >= k)."""
+    def product(lo: int, hi: int):
+      return _mm(shape, [(self.fixed_chunk(fixed, c, lo, hi, "fix"),
+                          streamed.at[c].transpose((1, 0)))
+                         for c in range(lo // CHUNK, _chunks(hi))])
+
+    if level is not None:
+      return product(0, lv.prefix[level]) * (lv.mult(level) * LOG2E), None
+    s = part = None
+    sames = {}
+    for l, lo, hi in segs:
+      d = product(lo, hi)
+      part = d if part is None else part + d
+      sl = part * (lv.mult(l) * LOG2E)
+      if l == g:
+        s = sl
+      else:
+        sames[l] = _same_block(rpos, cpos, lv.sizes[l])
+        s = jnp.where(sames[l], sl, NEG if s is None else s)
+    if lv.causal:
+      s = jnp.where(rpos >= cpos if qk_rows else cpos >= rpos, s, NEG)
+
+    def sel(ds):
+      dsm = None
+      for l, _, _ in segs:
+        x = ds * lv.mult(l)
+        if l == g:
+          dsm = x
+        else:
+          dsm = jnp.where(sames[l], x, jnp.zeros((), jnp.float32) if dsm is None else dsm)
+      out = []
+      for l, lo, hi in segs:
+        gl = dsm if l == g else jnp.where(sames[l], dsm, jnp.zeros((), jnp.float32))
+        out.append((l, lo, hi, gl))
+      return out
+    return s, sel
+
+  def grad_update(self, lv: pm.Levels, level, sel, ds, other, accs, tmp, zero):
+    """Add the tile pair's contribution ds . other (other: SMEM (C, cols, 64)) to the chunk
+    accumulators; a far pair's chunk cut by P_l goes to tmp (masked after its loop).
+    zero: a traced int32 0; in-place accumulation (pl.run_state) cannot lower a static
+    chunk index of a closed-over ref (a literal where an ir.Value is needed), so the
+    chunk index is made dynamic."""
+    if level is not None:
+      full, cut = _grad_chunks(lv, level)
+      g16 = self.a_operand((ds * lv.mult(level)).astype(self.dtype), "ds")
+      targets = [accs[c] for c in full] + ([tmp] if cut is not None else [])
+      chunks = full + ([cut] if cut is not None else [])
+      idx = (lambda c: zero + c) if self.cfg.acc_init else (lambda c: c)
+      new = _mma(self.cfg, targets, [(g16, other.at[idx(c)]) for c in chunks])
+      accs = list(accs)
+      for c, x in zip(full, new):
+        accs[c] = x
+      return accs, (new[-1] if cut is not None else tmp)
+    accs = list(accs)
+    for _, lo, hi, gl in sel(ds):
+      g16 = self.a_operand(gl.astype(self.dtype), "ds")
+      for c in range(lo // CHUNK, _chunks(hi)):
+        d = _mm(accs[c].shape, [(g16, other.at[c])])
+        accs[c] = accs[c] + self.mask_cols(d, lo - c * CHUNK, hi - c * CHUNK)
+    return accs, tmp
+
+
+def _far_tmp(lv: pm.Levels, level, rows: int, layout):
+  if level is None or _grad_chunks(lv, level)[1] is None:
+    return None
+  return plgpu.layout_cast(jnp.full((rows, CHUNK), 0, jnp.float32), layout)
+
+
+def _bwd_dq(qc, kc, v, do, lse, delta, cfg: MosaicConfig, interpret):
+  """dq (B, H, C, T, 64): program = 2 x 64 query rows, key/value tiles streamed."""
+  lv, bk = cfg.levels, 64
+  b, h, nc, t, _ = qc.shape
+  wv = v.shape[-1]
+  dtype = qc.dtype
+  plan = pm._Plan(lv, BQ, bk)
+  g = plan.g
+  segs = _segments(lv, g)
+  n_steps = t // bk
+  slots = max(1, min(cfg.slots, n_steps))
+  cta_rows = WGS * BQ
+  tiling, swizzle = plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128)
+  L = plgpu.Layout.WGMMA
+
+  def kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, scoped):
+    bi, hi_ = lax.axis_index("batch"), lax.axis_index("heads")
+    (q_smem2, do_smem2, lse_smem2, delta_smem2, k_smem, v_smem, stage), \
+        (k_bars, v_bars), (q_bars, do_bars, lse_bars, delta_bars), (k_cons, v_cons) = scoped
+    wg = lax.axis_index("wg")
+    cta = lax.axis_index("q_seq")
+    if lv.causal:
+      cta_steps = pl.cdiv((cta + 1) * cta_rows, jnp.array(bk, jnp.int32))
+    else:
+      cta_steps = jnp.int32(n_steps)
+
+    @pl.when(wg < WGS)
+    def _compute():
+      plgpu.set_max_registers(232, action="increase")
+      ops = _Ops(cfg, stage, wg, dtype)
+      q_smem, do_smem = q_smem2.at[wg], do_smem2.at[wg]
+      q0 = cta * cta_rows + wg * BQ
+      rows = pl.ds(q0, BQ)
+      plgpu.copy_gmem_to_smem(q_ref.at[bi, hi_, :, rows, :], q_smem, q_bars.at[wg])
+      plgpu.copy_gmem_to_smem(do_ref.at[bi, rows, hi_], do_smem, do_bars.at[wg])
+      plgpu.copy_gmem_to_smem(lse_ref.at[bi, hi_, rows], lse_smem2.at[wg], lse_bars.at[wg])
+      plgpu.copy_gmem_to_smem(delta_ref.at[bi, hi_, rows], delta_smem2.at[wg],
+                              delta_bars.at[wg])
+      for bars in (q_bars, do_bars, lse_bars, delta_bars):
+        plgpu.barrier_wait(bars.at[wg])
+      lse_r = plgpu.load(lse_smem2.at[wg], layout=L.reduce(1))
+      delta_r = plgpu.load(delta_smem2.at[wg], layout=L.reduce(1))
+      qpos = ops.iota((BQ, bk), 0) + q0
+
+      def body(level, step, carry):
+        (accs, extra), tmp = carry
+        slot = lax.rem(step, jnp.array(slots, step.dtype))
+        plgpu.barrier_wait(k_bars.at[slot])
+        s, sel = ops.scores(lv, segs, g, q_smem, k_smem.at[slot], (BQ, bk), qpos,
+                            ops.iota((BQ, bk), 1) + step * bk, level, True)
+        p = jnp.exp2(s - lax.broadcast_in_dim(lse_r, s.shape, [0]))
+        plgpu.barrier_wait(v_bars.at[slot])
+        dp = _mm((BQ, bk), [(do_smem, v_smem.at[slot].transpose((1, 0)))])
+        plgpu.barrier_arrive(v_cons.at[slot])
+        ds = p * (dp - lax.broadcast_in_dim(delta_r, s.shape, [0]))
+        accs, tmp = ops.grad_update(lv, level, sel, ds, k_smem.at[slot], accs, tmp, step * 0)
+        plgpu.barrier_arrive(k_cons.at[slot])
+        return (accs, extra), tmp
+
+      def skip(step, _):
+        slot = lax.rem(step, jnp.array(slots, step.dtype))
+        plgpu.barrier_wait(k_bars.at[slot])
+        plgpu.barrier_wait(v_bars.at[slot])
+        plgpu.barrier_arrive(v_cons.at[slot])
+        plgpu.barrier_arrive(k_cons.at[slot])
+
+      accs = [plgpu.layout_cast(jnp.full((BQ, CHUNK), 0, jnp.float32), L) for _ in range(nc)]
+      accs, _ = _walk(plan, q0, True, jnp.int32(0), cta_steps, bk, body, skip, (accs, ()),
+                      lambda l: _far_tmp(lv, l, BQ, L), ops)
+      for c in range(nc):
+        q_smem.at[c][...] = accs[c].astype(dtype)
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(q_smem, dq_ref.at[bi, hi_, :, rows, :])
+      plgpu.wait_smem_to_gmem(0)
+
+    @pl.when(wg == WGS)
+    def _memory():
+      plgpu.set_max_registers(40, action="decrease")
+
+      def load(step, slot):
+        r = pl.ds(step * bk, bk)
+        plgpu.copy_gmem_to_smem(k_ref.at[bi, hi_, :, r, :], k_smem.at[slot], k_bars.at[slot])
+        plgpu.copy_gmem_to_smem(v_ref.at[bi, r, hi_], v_smem.at[slot], v_bars.at[slot])
+
+      for i in range(slots):
+        @pl.when(i < cta_steps)
+        def _():
+          load(jnp.int32(i), i)
+
+      @pl.loop(0, jnp.maximum(cta_steps - slots, 0))
+      def _(step):
+        slot = lax.rem(step, jnp.array(slots, step.dtype))
+        plgpu.barrier_wait(k_cons.at[slot])
+        plgpu.barrier_wait(v_cons.at[slot])
+        load(step + slots, slot)
+
+  def entry(*refs):
+    tr = (tiling, swizzle)
+    bufs = (plgpu.SMEM((WGS, nc, BQ, CHUNK), dtype, transforms=tr),
+            plgpu.SMEM((WGS, BQ, wv), dtype, transforms=tr),
+            plgpu.SMEM((WGS, BQ), jnp.float32), plgpu.SMEM((WGS, BQ), jnp.float32),
+            plgpu.SMEM((slots, nc, bk, CHUNK), dtype, transforms=tr),
+            plgpu.SMEM((slots, bk, wv), dtype, transforms=tr),
+            {} if cfg.reg_a else {"fix": plgpu.SMEM((WGS, BQ, CHUNK), dtype, transforms=tr),
+                                  "ds": plgpu.SMEM((WGS, BQ, bk), dtype, transforms=tr)})
+    pl.run_scoped(
+        lambda *args: kernel(*refs, args), bufs,
+        (plgpu.Barrier(num_barriers=slots),) * 2,
+        (plgpu.Barrier(num_barriers=WGS),) * 4,
+        (plgpu.Barrier(num_arrivals=WGS, num_barriers=slots),) * 2,
+        collective_axes="wg")
+
+  kw = {} if not interpret else {"interpret": interpret}
+  return plgpu.kernel(
+      entry, out_type=jax.ShapeDtypeStruct(qc.shape, dtype),
+      grid=(h, t // cta_rows, b), grid_names=("heads", "q_seq", "batch"),
+      num_threads=WGS + 1, thread_name="wg",
+      compiler_params=plgpu.CompilerParams(approx_math=True), **kw,
+  )(qc, kc, v, do, lse, delta)
+
+
+def _walk(plan: pm._Plan, r0, rows_are_queries: bool, s0, s1, tile: int, body, skip, state,
+          make_tmp, ops: "_Ops"):
+  """Walk the streamed tiles [s0, s1) in order: `skip` the unused ones, `body(l)` the far
+  ranges of level l and `body(None)` the near range.  state = (chunk accumulators, extra);
+  a far loop accumulates the chunk cut by P_l in a temporary, masked and added after it."""
+  lv = plan.lv
+  far, (n_lo, n_hi) = pm._ranges(plan, r0, BQ, tile, rows_are_queries)
+  if not lv.causal:
+    n_left = plan.g + 1
+  else:
+    n_left = len(far) if rows_are_queries else 0
+  loops = far[:n_left] + [(n_lo, n_hi, None)] + far[n_left:]
+  lax.fori_loop(s0, pm._idiv(jnp.int32(loops[0][0]), tile), skip, None)
+  for lo, hi, l in loops:
+    (accs, extra), tmp = lax.fori_loop(pm._idiv(jnp.int32(lo), tile),
+                                       pm._idiv(jnp.int32(hi), tile),
+                                       functools.partial(body, l), (state, make_tmp(l)))
+    if tmp is not None:
+      c = lv.prefix[l] // CHUNK
+      accs = list(accs)
+      accs[c] = accs[c] + ops.mask_cols(tmp, 0, lv.prefix[l] - c * CHUNK)
+    state = (accs, extra)
+  lax.fori_loop(pm._idiv(jnp.int32(loops[-1][1]), tile), s1, skip, None)
+  return state
+
+
+def _bwd_dkdv(qc, kc, v, do, lse, delta, cfg: MosaicConfig, interpret):
+  """dk (B, H, C, T, 64), dv (B, T, H, Wv): program = 2 x 64 key rows, query tiles (q, dO,
+  lse, delta) streamed."""
+  lv, bq = cfg.levels, 64
+  b, h, nc, t, _ = qc.shape
+  wv = v.shape[-1]
+  dtype = qc.dtype
+  plan = pm._Plan(lv, bq, BQ)  # rows = keys (BQ of them per warpgroup), columns = queries
+  g = plan.g
+  segs = _segments(lv, g)
+  n_steps = t // bq
+  slots = max(1, min(cfg.slots, n_steps))
+  cta_rows = WGS * BQ
+  tiling, swizzle = plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128)
+  L = plgpu.Layout.WGMMA
+
+  def kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, scoped):
+    bi, hi_ = lax.axis_index("batch"), lax.axis_index("heads")
+    (k_smem2, v_smem2, q_smem, do_smem, lse_smem, delta_smem, stage), \
+        (k_bars, v_bars), (q_bars, do_bars, lse_bars, delta_bars), cons = scoped
+    wg = lax.axis_index("wg")
+    cta = lax.axis_index("kv_seq")
+    s0 = pm._idiv(cta * cta_rows, bq) if lv.causal else jnp.int32(0)
+    s1 = jnp.int32(n_steps)
+
+    @pl.when(wg < WGS)
+    def _compute():
+      plgpu.set_max_registers(232, action="increase")
+      ops = _Ops(cfg, stage, wg, dtype)
+      k_smem, v_smem = k_smem2.at[wg], v_smem2.at[wg]
+      k0 = cta * cta_rows + wg * BQ
+      rows = pl.ds(k0, BQ)
+      plgpu.copy_gmem_to_smem(k_ref.at[bi, hi_, :, rows, :], k_smem, k_bars.at[wg])
+      plgpu.copy_gmem_to_smem(v_ref.at[bi, rows, hi_], v_smem, v_bars.at[wg])
+      plgpu.barrier_wait(k_bars.at[wg])
+      plgpu.barrier_wait(v_bars.at[wg])
+      kpos = ops.iota((BQ, bq), 0) + k0
+
+      def body(level, step, carry):
+        (accs, dv), tmp = carry
+        slot = lax.rem(step, jnp.array(slots, step.dtype))
+        plgpu.barrier_wait(q_bars.at[slot])
+        sT, sel = ops.scores(lv, segs, g, k_smem, q_smem.at[slot], (BQ, bq), kpos,
+                             ops.iota((BQ, bq), 1) + step * bq, level, False)
+        plgpu.barrier_wait(lse_bars.at[slot])
+        lse_r = plgpu.load(lse_smem.at[slot], layout=L.reduce(0))
+        pT = jnp.exp2(sT - lax.broadcast_in_dim(lse_r, sT.shape, [1]))
+        p16 = ops.a_operand(pT.astype(dtype), "p")
+        plgpu.barrier_wait(do_bars.at[slot])
+        zeros = plgpu.layout_cast(jnp.full((BQ, bq), 0, jnp.float32), L)
+        dv, dpT = _mma(cfg, [dv, zeros], [(p16, do_smem.at[slot]),
+                                          (v_smem, do_smem.at[slot].transpose((1, 0)))])
+        plgpu.barrier_wait(delta_bars.at[slot])
+        delta_r = plgpu.load(delta_smem.at[slot], layout=L.reduce(0))
+        dsT = pT * (dpT - lax.broadcast_in_dim(delta_r, sT.shape, [1]))
+        accs, tmp = ops.grad_update(lv, level, sel, dsT, q_smem.at[slot], accs, tmp,
+                                    step * 0)
+        plgpu.barrier_arrive(cons.at[slot])
+        return (accs, dv), tmp
+
+      def skip(step, _):
+        slot = lax.rem(step, jnp.array(slots, step.dtype))
+        for bars in (q_bars, lse_bars, do_bars, delta_bars):
+          plgpu.barrier_wait(bars.at[slot])
+        plgpu.barrier_arrive(cons.at[slot])
+
+      zero = lambda w: plgpu.layout_cast(jnp.full((BQ, w), 0, jnp.float32), L)
+      state = ([zero(CHUNK) for _ in range(nc)], zero(wv))
+      state = _walk(plan, k0, False, s0, s1, bq, body, skip, state,
+                    lambda l: _far_tmp(lv, l, BQ, L), ops)
+      accs, dv = state
+      for c in range(nc):
+        k_smem.at[c][...] = accs[c].astype(dtype)
+      v_smem[...] = dv.astype(dtype)
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(k_smem, dk_ref.at[bi, hi_, :, rows, :], commit_group=False)
+      plgpu.copy_smem_to_gmem(v_smem, dv_ref.at[bi, rows, hi_], commit_group=False)
+      plgpu.commit_smem_to_gmem_group()
+      plgpu.wait_smem_to_gmem(0)
+
+    @pl.when(wg == WGS)
+    def _memory():
+      plgpu.set_max_registers(40, action="decrease")
+
+      def load(step, slot):
+        r = pl.ds(step * bq, bq)
+        plgpu.copy_gmem_to_smem(q_ref.at[bi, hi_, :, r, :], q_smem.at[slot], q_bars.at[slot])
+        plgpu.copy_gmem_to_smem(do_ref.at[bi, r, hi_], do_smem.at[slot], do_bars.at[slot])
+        plgpu.copy_gmem_to_smem(lse_ref.at[bi, hi_, r], lse_smem.at[slot], lse_bars.at[slot])
+        plgpu.copy_gmem_to_smem(delta_ref.at[bi, hi_, r], delta_smem.at[slot],
+                                delta_bars.at[slot])
+
+      for i in range(slots):
+        @pl.when(s0 + i < s1)
+        def _():
+          st = s0 + i
+          load(st, lax.rem(st, jnp.array(slots, st.dtype)))
+
+      @pl.loop(s0, jnp.maximum(s1 - slots, s0))
+      def _(step):
+        slot = lax.rem(step, jnp.array(slots, step.dtype))
+        plgpu.barrier_wait(cons.at[slot])
+        load(step + slots, slot)
+
+  def entry(*refs):
+    tr = (tiling, swizzle)
+    bufs = (plgpu.SMEM((WGS, nc, BQ, CHUNK), dtype, transforms=tr),
+            plgpu.SMEM((WGS, BQ, wv), dtype, transforms=tr),
+            plgpu.SMEM((slots, nc, bq, CHUNK), dtype, transforms=tr),
+            plgpu.SMEM((slots, bq, wv), dtype, transforms=tr),
+            plgpu.SMEM((slots, bq), jnp.float32), plgpu.SMEM((slots, bq), jnp.float32),
+            {} if cfg.reg_a else {"fix": plgpu.SMEM((WGS, BQ, CHUNK), dtype, transforms=tr),
+                                  "p": plgpu.SMEM((WGS, BQ, bq), dtype, transforms=tr),
+                                  "ds": plgpu.SMEM((WGS, BQ, bq), dtype, transforms=tr)})
+    pl.run_scoped(
+        lambda *args: kernel(*refs, args), bufs,
+        (plgpu.Barrier(num_barriers=WGS),) * 2,
+        (plgpu.Barrier(num_barriers=slots),) * 4,
+        plgpu.Barrier(num_arrivals=WGS, num_barriers=slots),
+        collective_axes="wg")
+
+  kw = {} if not interpret else {"interpret": interpret}
+  return plgpu.kernel(
+      entry, out_type=[jax.ShapeDtypeStruct(kc.shape, dtype),
+                       jax.ShapeDtypeStruct(v.shape, dtype)],
+      grid=(h, t // cta_rows, b), grid_names=("heads", "kv_seq", "batch"),
+      num_threads=WGS + 1, thread_name="wg",
+      compiler_params=plgpu.CompilerParams(approx_math=True), **kw,
+  )(qc, kc, v, do, lse, delta)
+
+
 # ------------------------------------------------------------------------------ custom VJP
 
 
@@ -324,6 +761,7 @@ class _Config:
   mosaic: MosaicConfig
   tiles: pm.Tiles  # Triton backward tiles
   interpret: bool
+  backward: str = "mosaic"  # 'mosaic' | 'triton'
 
 
 def _to_chunks(x):
@@ -345,7 +783,25 @@ def _mlr_fwd(q, k, v, cfg: _Config):
   return o, (q, k, v, o, lse)
 
 
+def _from_chunks(x):
+  b, h, c, t, w = x.shape
+  return x.transpose(0, 3, 1, 2, 4).reshape(b, t, h, c * w)
+
+
+def _backward(cfg: _Config, res, do):
+  """Mosaic GPU backward: delta = rowsum(dO * O), then the dq and dk/dv kernels."""
+  q, k, v, o, lse = res
+  delta = jnp.einsum("bthd,bthd->bht", o.astype(jnp.float32), do.astype(jnp.float32))
+  do = do.astype(v.dtype)
+  qc, kc = _to_chunks(q), _to_chunks(k)
+  dq = _bwd_dq(qc, kc, v, do, lse, delta, cfg.mosaic, _interp(cfg))
+  dk, dv = _bwd_dkdv(qc, kc, v, do, lse, delta, cfg.mosaic, _interp(cfg))
+  return _from_chunks(dq), _from_chunks(dk), dv
+
+
 def _mlr_bwd(cfg: _Config, res, do):
+  if cfg.backward == "mosaic":
+    return _backward(cfg, res, do)
   return pm._backward(pm._Config(cfg.mosaic.levels, cfg.tiles, cfg.interpret), res, do)
 
 
@@ -358,15 +814,16 @@ _mlr.defvjp(_mlr_fwd, _mlr_bwd)
 def mlr_attention_mosaic(q_BTHK, k_BTHK, v_BTHV, pattern: Pattern, *, interpret: bool = False,
                          block_q: int | None = None, block_k: int | None = None,
                          tiles: pm.Tiles | None = None, schedule_barrier: bool = True,
-                         acc_init: bool | None = None):
+                         acc_init: bool | None = None, backward: str = "mosaic"):
   """Fused nested-block (MLR) attention, Mosaic GPU forward; same result as
   `core.blocked_attention` and `pallas_mlr.mlr_attention_pallas`.
 
   q_BTHK, k_BTHK: level-scaled features (K = sum(pattern.widths)); v_BTHV values.
   block_q: must be None or 64 (rows per compute warpgroup); block_k: key tile rows
-  (64 or 128, default 64).  tiles: the Triton backward's tiles (pallas_mlr.Tiles).
-  interpret=True runs the forward in Mosaic GPU interpret mode and the backward in the
-  Pallas interpreter (CPU).  bfloat16/float16 operands (float32 inputs are rounded to
+  (64 or 128, default 64).  backward: 'mosaic' (Mosaic GPU dq and dk/dv kernels) or
+  'triton' (the Pallas-Triton backward of pallas_mlr, with `tiles`: pallas_mlr.Tiles).
+  interpret=True runs the kernels in Mosaic GPU interpret mode (the Triton backward in
+  the Pallas interpreter) on CPU.  bfloat16/float16 operands (float32 inputs are rounded to
   bfloat16), float32 accumulation; the output has v's dtype.
   """
   if plgpu is None:
@@ -384,6 +841,8 @@ def mlr_attention_mosaic(q_BTHK, k_BTHK, v_BTHV, pattern: Pattern, *, interpret:
   if block_q not in (None, BQ):
     raise ValueError(f"mlr_attention_mosaic uses block_q={BQ} (one wgmma M tile), got {block_q}")
   bk = block_k or 64
+  if backward not in ("mosaic", "triton"):
+    raise ValueError(f"backward must be 'mosaic' or 'triton', got {backward!r}")
   if bk not in (64, 128):
     raise ValueError(f"block_k must be 64 or 128, got {bk}")
   tile = max(WGS * BQ, bk)
@@ -399,6 +858,6 @@ def mlr_attention_mosaic(q_BTHK, k_BTHK, v_BTHV, pattern: Pattern, *, interpret:
   acc_init = (not interpret) if acc_init is None else acc_init
   cfg = _Config(MosaicConfig(lv, bk, schedule_barrier=schedule_barrier, acc_init=acc_init,
                              reg_a=not interpret),
-                tiles, bool(interpret))
+                tiles, bool(interpret), backward)
   out = _mlr(q, kk, v, cfg)
   return out[:, :t, :, :dv].astype(out_dtype)
