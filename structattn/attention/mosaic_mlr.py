@@ -571,6 +571,12 @@ def _bwd_dq(qc, kc, v, do, lse, delta, cfg: MosaicConfig, interpret):
         plgpu.barrier_wait(v_cons.at[slot])
         load(step + slots, slot)
 
+      @pl.loop(jnp.maximum(cta_steps - slots, 0), cta_steps)
+      def _(step):  # observe the last releases (the jax 0.11 interpreter checks barrier phases)
+        slot = lax.rem(step, jnp.array(slots, step.dtype))
+        plgpu.barrier_wait(k_cons.at[slot])
+        plgpu.barrier_wait(v_cons.at[slot])
+
   def entry(*refs):
     tr = (tiling, swizzle)
     bufs = (plgpu.SMEM((WGS, nc, BQ, CHUNK), dtype, transforms=tr),
@@ -725,6 +731,10 @@ def _bwd_dkdv(qc, kc, v, do, lse, delta, cfg: MosaicConfig, interpret):
         slot = lax.rem(step, jnp.array(slots, step.dtype))
         plgpu.barrier_wait(cons.at[slot])
         load(step + slots, slot)
+
+      @pl.loop(jnp.maximum(s1 - slots, s0), s1)
+      def _(step):  # observe the last releases (the jax 0.11 interpreter checks barrier phases)
+        plgpu.barrier_wait(cons.at[lax.rem(step, jnp.array(slots, step.dtype))])
 
   def entry(*refs):
     tr = (tiling, swizzle)
