@@ -259,9 +259,12 @@ def main():
     print(f"acc {r['case']:20s} T={r['T']:5d} bwd={r['backward']:6s} {r['kwargs'] or ''} ok={r.get('ok')} "
           + " ".join(f"{n} {v:.1e}" for n, v in e.items())
           + (f" {r['error'].splitlines()[0]}" if r.get("error") else ""))
+  fwd_of = {(r["d_head"], r["T"], r["impl"]): r["fwd_ms"] for r in res["rows"] if r.get("fwd_ms")}
   for r in res["rows"]:
+    f = r.get("fwd_ms") or fwd_of.get((r["d_head"], r["T"], r["impl"]))  # tbwd: same forward
+    bwd = r["fwdbwd_ms"] - f if f and r.get("fwdbwd_ms") else float("nan")
     print(f"{r['case']:24s} T={r['T']:6d} fwd {r.get('fwd_ms', float('nan')):8.3f} ms  "
-          f"fwd+bwd {r.get('fwdbwd_ms', float('nan')):8.3f} ms  "
+          f"fwd+bwd {r.get('fwdbwd_ms', float('nan')):8.3f} ms  bwd~ {bwd:7.3f} ms  "
           f"x_cudnn {r.get('fwdbwd_x_vs_cudnn', float('nan')):.2f}  "
           f"fwd_x_cudnn {r.get('fwd_x_vs_cudnn', float('nan')):.2f}  "
           f"{(r.get('error') or '').splitlines()[0] if r.get('error') else ''}")
