@@ -441,7 +441,10 @@ def attention(q_BTHK, k_BTHK, v_BTHV, pattern: Pattern, impl: str = "auto"):
     return mlr_attention_pallas(q_BTHK, k_BTHK, v_BTHV, pattern)
   if impl == "mosaic" and pallas_supported(q_BTHK, pattern):  # Mosaic GPU forward
     from structattn.attention.mosaic_mlr import mlr_attention_mosaic
-    return mlr_attention_mosaic(q_BTHK, k_BTHK, v_BTHV, pattern)
+    # The Mosaic backward passes in interpret mode and lowers for CUDA but has not yet run on
+    # a GPU; models use the H100-validated Triton backward until it has
+    # (scripts/gpu_check_mosaic.py measures both).
+    return mlr_attention_mosaic(q_BTHK, k_BTHK, v_BTHV, pattern, backward="triton")
   if impl in ("auto", "cudnn"):
     ok, why = cudnn_supported(q_BTHK, k_BTHK, v_BTHV, pattern)
     if ok:
