@@ -463,6 +463,22 @@ def pallas_table(rows) -> str:
   return "\n".join("  ".join(c.ljust(w) for c, w in zip(l, widths)).rstrip() for l in lines)
 
 
+def recorder(out: Path, result: dict, start: float, finalize=lambda result: None):
+  """(save, log) for a long GPU run: save() applies finalize, stamps the elapsed time and
+  rewrites `out` (so a run cut off keeps what it measured); log(msg) prints it to stderr with
+  the elapsed time."""
+
+  def save():
+    finalize(result)
+    result["elapsed_s"] = round(time.perf_counter() - start, 1)
+    out.write_text(json.dumps(result, indent=1) + "\n")
+
+  def log(msg):
+    print(f"[{time.perf_counter() - start:6.1f}s] {msg}", file=sys.stderr, flush=True)
+
+  return save, log
+
+
 def pallas_main(args) -> None:
   """Accuracy check, tile search at T=4096, then the timing table (see the section note)."""
   start = time.perf_counter()
@@ -470,14 +486,7 @@ def pallas_main(args) -> None:
   out = Path(args.out)
   out.parent.mkdir(parents=True, exist_ok=True)
   result = dict(header=header(args), accuracy=[], tuning=[], rows=[])
-
-  def save():
-    pallas_ratios(result["rows"])
-    result["elapsed_s"] = round(time.perf_counter() - start, 1)
-    out.write_text(json.dumps(result, indent=1) + "\n")
-
-  def log(msg):
-    print(f"[{time.perf_counter() - start:6.1f}s] {msg}", file=sys.stderr, flush=True)
+  save, log = recorder(out, result, start, lambda r: pallas_ratios(r["rows"]))
 
   checks = [("mlr8_d64", _mlr(64, MLR8), 1024, True),
             ("mlr4_d128", _mlr(128, MLR4_D128), 1024, True),

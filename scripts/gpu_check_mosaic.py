@@ -200,14 +200,7 @@ def main():
                          device_kind=getattr(dev, "device_kind", None),
                          backend=jax.default_backend(), cuda_runtime=cuda, argv=sys.argv),
              probes=[], accuracy=[], rows=[])
-
-  def save():
-    ratios(res["rows"])
-    res["elapsed_s"] = round(time.perf_counter() - start, 1)
-    out.write_text(json.dumps(res, indent=1) + "\n")
-
-  def log(msg):
-    print(f"[{time.perf_counter() - start:6.1f}s] {msg}", file=sys.stderr, flush=True)
+  save, log = bench.recorder(out, res, start, lambda r: ratios(r["rows"]))
 
   steps = []
   if args.probes:

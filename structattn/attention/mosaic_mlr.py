@@ -278,18 +278,7 @@ def _forward(qc, kc, v, cfg: MosaicConfig, interpret):
         plgpu.copy_gmem_to_smem(k_ref.at[bi, hi_, :, rows, :], k_smem.at[slot], k_bars.at[slot])
         plgpu.copy_gmem_to_smem(v_ref.at[bi, rows, hi_], v_smem.at[slot], v_bars.at[slot])
 
-      for i in range(slots):
-        @pl.when(i < cta_steps)
-        def _():
-          load(jnp.int32(i), i)
-
-      @pl.loop(0, jnp.maximum(cta_steps - slots, 0))
-      def _(step):
-        nxt = step + slots
-        slot = lax.rem(step, jnp.array(slots, step.dtype))
-        plgpu.barrier_wait(k_cons.at[slot])
-        plgpu.barrier_wait(v_cons.at[slot])
-        load(nxt, slot)
+      _produce(load, (k_cons, v_cons), 0, cta_steps, slots, drain=False)
 
   def entry(q_ref, k_ref, v_ref, o_ref, lse_ref):
     tr = (tiling, swizzle)
@@ -469,6 +458,36 @@ class _Ops:
     return accs, tmp
 
 
+def _produce(load, consumed, s0, s1, slots: int, drain: bool = True):
+  """The memory warpgroup's pipeline over steps [s0, s1): prefetch the first `slots` tiles,
+  then load step + slots into a slot once every `consumed` barrier of that slot has been
+  arrived at.  drain: also wait for the last releases (the jax 0.11 GPU interpreter checks
+  that every barrier phase is observed).  With s0 == 0 (a Python int) the prefetch slots are
+  static."""
+  slot_of = lambda st: lax.rem(st, jnp.array(slots, st.dtype))
+  for i in range(slots):
+    @pl.when(s0 + i < s1)
+    def _():
+      if isinstance(s0, int) and s0 == 0:
+        load(jnp.int32(i), i)
+      else:
+        load(s0 + i, slot_of(s0 + i))
+
+  @pl.loop(s0, jnp.maximum(s1 - slots, s0))
+  def _(step):
+    nxt = step + slots
+    slot = slot_of(step)
+    for bar in consumed:
+      plgpu.barrier_wait(bar.at[slot])
+    load(nxt, slot)
+
+  if drain:
+    @pl.loop(jnp.maximum(s1 - slots, s0), s1)
+    def _(step):
+      for bar in consumed:
+        plgpu.barrier_wait(bar.at[slot_of(step)])
+
+
 def _far_tmp(lv: pm.Levels, level, rows: int, layout):
   if level is None or _grad_chunks(lv, level)[1] is None:
     return None
@@ -559,23 +578,7 @@ def _bwd_dq(qc, kc, v, do, lse, delta, cfg: MosaicConfig, interpret):
         plgpu.copy_gmem_to_smem(k_ref.at[bi, hi_, :, r, :], k_smem.at[slot], k_bars.at[slot])
         plgpu.copy_gmem_to_smem(v_ref.at[bi, r, hi_], v_smem.at[slot], v_bars.at[slot])
 
-      for i in range(slots):
-        @pl.when(i < cta_steps)
-        def _():
-          load(jnp.int32(i), i)
-
-      @pl.loop(0, jnp.maximum(cta_steps - slots, 0))
-      def _(step):
-        slot = lax.rem(step, jnp.array(slots, step.dtype))
-        plgpu.barrier_wait(k_cons.at[slot])
-        plgpu.barrier_wait(v_cons.at[slot])
-        load(step + slots, slot)
-
-      @pl.loop(jnp.maximum(cta_steps - slots, 0), cta_steps)
-      def _(step):  # observe the last releases (the jax 0.11 interpreter checks barrier phases)
-        slot = lax.rem(step, jnp.array(slots, step.dtype))
-        plgpu.barrier_wait(k_cons.at[slot])
-        plgpu.barrier_wait(v_cons.at[slot])
+      _produce(load, (k_cons, v_cons), 0, cta_steps, slots)
 
   def entry(*refs):
     tr = (tiling, swizzle)
@@ -720,21 +723,7 @@ def _bwd_dkdv(qc, kc, v, do, lse, delta, cfg: MosaicConfig, interpret):
         plgpu.copy_gmem_to_smem(delta_ref.at[bi, hi_, r], delta_smem.at[slot],
                                 delta_bars.at[slot])
 
-      for i in range(slots):
-        @pl.when(s0 + i < s1)
-        def _():
-          st = s0 + i
-          load(st, lax.rem(st, jnp.array(slots, st.dtype)))
-
-      @pl.loop(s0, jnp.maximum(s1 - slots, s0))
-      def _(step):
-        slot = lax.rem(step, jnp.array(slots, step.dtype))
-        plgpu.barrier_wait(cons.at[slot])
-        load(step + slots, slot)
-
-      @pl.loop(jnp.maximum(s1 - slots, s0), s1)
-      def _(step):  # observe the last releases (the jax 0.11 interpreter checks barrier phases)
-        plgpu.barrier_wait(cons.at[lax.rem(step, jnp.array(slots, step.dtype))])
+      _produce(load, (cons,), s0, s1, slots)
 
   def entry(*refs):
     tr = (tiling, swizzle)
