@@ -59,16 +59,10 @@ def job_config(dataset, horizon, variant, seed, overrides, epochs):
 
 def finished_results(dirs) -> list[dict] | None:
   """The result.json of every run dir if all of them completed, else None."""
-  results = []
-  for d in dirs:
-    path = Path(d) / "result.json"
-    if not path.exists():
-      return None
-    r = json.loads(path.read_text())
-    if r.get("status") != "completed":
-      return None
-    results.append(r)
-  return results
+  from structattn.sweep import status_of
+  if any(status_of(Path(d)) != "completed" for d in dirs):
+    return None
+  return [json.loads((Path(d) / "result.json").read_text()) for d in dirs]
 
 
 def run_group(job):
