@@ -146,6 +146,36 @@ def test_chunked_fast_paths_values_and_gradients(name, min_tile):
     assert np.abs(b).max() > 1e-6
 
 
+def _largest_intermediate(fn, *args) -> int:
+  """Element count of the largest value any equation produces, sub-jaxprs included."""
+  def walk(jaxpr):
+    jaxpr = getattr(jaxpr, "jaxpr", jaxpr)  # ClosedJaxpr -> Jaxpr
+    best = 0
+    for e in jaxpr.eqns:
+      best = max([best] + [int(np.prod(v.aval.shape)) for v in e.outvars])
+      for p in e.params.values():
+        for sub in (p if isinstance(p, (tuple, list)) else (p,)):
+          if hasattr(sub, "eqns") or hasattr(getattr(sub, "jaxpr", None), "eqns"):
+            best = max(best, walk(sub))
+    return best
+  return walk(jax.make_jaxpr(fn)(*args))
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("window,chunk", [(16, 512), (40, 16), (200, 16)])
+def test_band_scores_at_most_the_keys_that_exist(window, chunk, causal):
+  """A window as wide as a key chunk or wider (forecasting: 64 patches, window 16) scores
+  each query chunk against the real keys only, never a padded span of several chunks: the
+  largest intermediate is at most the dense B*H*T*T scores; values match the oracle."""
+  pat = core.Pattern(("window",), (window,), (6,), causal=causal)
+  q, k, v = _random_qkv(2, 64, 2, 6, 5)
+  fast = lambda q, k, v: core.windowed_attention(q, k, v, pat, chunk=chunk)
+  np.testing.assert_allclose(jax.jit(fast)(q, k, v), core.reference_attention(q, k, v, pat),
+                             rtol=1e-10, atol=1e-10)
+  if window < 63:
+    assert _largest_intermediate(fast, q, k, v) <= 2 * 2 * 64 * 64
+
+
 @pytest.mark.parametrize("name", ["mha", "mlr_block_divide", "gswa_renorm", "bilinear_btt",
                                   "bilinear_mlr", "mlbtc", "swa"])
 def test_layer_gradients_match_reference_path(name):

@@ -311,6 +311,8 @@ def _band_stats(q_BHTK, k_BHTK, v_BHTV, window: int, causal: bool, mult: float, 
   before = -(-window // c)  # key chunks needed behind the query chunk
   after = 0 if causal else before
   span = before + 1 + after
+  if span * c >= t:  # the padded span holds all T keys or more: one chunk of every real key
+    c, nb, before, after, span = t, 1, 0, 0, 1
   padw = [(0, 0), (0, 0), (before * c, after * c), (0, 0)]
   kp, vp = jnp.pad(k_BHTK, padw), jnp.pad(v_BHTV, padw)
   idx = jnp.arange(nb)[:, None] * c + jnp.arange(span * c)[None, :]  # (nb, span*c), padded
