@@ -50,7 +50,7 @@ VARIANTS = {
     "mlr_pallas": dict(variant="mlr", mlr_ranks=(32, 8, 6, 4, 4, 4, 4, 2), mlr_divide="block",
                        impl="pallas"),  # the fused Pallas-Triton MLR kernel (issue 9)
     "mlr_mosaic": dict(variant="mlr", mlr_ranks=(32, 8, 6, 4, 4, 4, 4, 2), mlr_divide="block",
-                       impl="mosaic"),  # Mosaic GPU forward, Triton backward
+                       impl="mosaic"),  # Mosaic GPU forward and backward
     "swa": dict(variant="swa", window=512),
     "gswa": dict(variant="gswa", gswa_split=(32, 32), window=512, gswa_combine="sum"),
 }
