@@ -115,12 +115,16 @@ CORE_CASES = (
     Case("dense_cudnn_d128", _mha(128), "cudnn", 6, 128, dense_rank=0),
     Case("dense_xla_d128", _mha(128), "xla", 6, 128, dense_rank=1),
     Case("mlr4_d128", _mlr(128, MLR4_D128), "xla", 6, 128),
+    # the fused Mosaic GPU kernel (issue 9; the XLA path off GPU)
+    Case("mlr8_mosaic_d64", _mlr(64, MLR8), "mosaic", 12, 64),
+    Case("mlr4_mosaic_d128", _mlr(128, MLR4_D128), "mosaic", 6, 128),
 )
 
 LAYER_CASES = (  # heads = d_model // 64, set from --d-model
     Case("layer_mha_cudnn", _mha(64), "cudnn", 0, 64, dense_rank=0),
     Case("layer_mha_xla", _mha(64), "xla", 0, 64, dense_rank=1),
     Case("layer_mlr8", _mlr(64, MLR8), "xla", 0, 64, ref_code=True),
+    Case("layer_mlr8_mosaic", _mlr(64, MLR8), "mosaic", 0, 64, ref_code=True),
 )
 
 
@@ -146,10 +150,13 @@ def skip_reason(case: Case, t: int, shapes, pattern, dtype, masked_max_t: int) -
 
 
 def kernel_path(case: Case, shapes, pattern, dtype) -> str:
-  """Which kernel family serves the call: cudnn, reference or xla (our JAX cores)."""
+  """Which kernel family serves the call: cudnn, reference, pallas, mosaic or xla (our JAX
+  cores)."""
   if case.impl == "reference":
     return "reference"
   q, k, v = (jax.ShapeDtypeStruct(s, dtype) for s in shapes)
+  if case.impl in ("pallas", "mosaic") and core.pallas_supported(q, pattern):
+    return case.impl
   if case.impl in ("auto", "cudnn") and core.cudnn_supported(q, k, v, pattern)[0]:
     return "cudnn"
   return "xla"
@@ -606,6 +613,14 @@ def main(argv=None) -> None:
   cases = {c.name: c for c in (LAYER_CASES if args.mode == "layer" else CORE_CASES)}
   selected = [cases[v] for v in args.variants]
   rows = []
+  head = header(args)
+  out = Path(args.out)
+  out.parent.mkdir(parents=True, exist_ok=True)
+
+  def save():  # after every row, so a run cut off by its time limit keeps what it measured
+    add_ratios(rows, cases)
+    out.write_text(json.dumps(dict(header=head, rows=rows), indent=1) + "\n")
+
   for t in args.seq_lens:
     for case in selected:
       row = run_case(case, t, args)
@@ -613,16 +628,13 @@ def main(argv=None) -> None:
       status = row.get("skipped") or row.get("error") or (
           f"fwd {fmt(row.get('fwd_ms'), '.2f')} ms, fwd+bwd {fmt(row.get('fwdbwd_ms'), '.2f')} ms")
       print(f"[{case.name} T={t} B={row['B']}] {status}", file=sys.stderr, flush=True)
-  add_ratios(rows, cases)
-  head = header(args)
+      save()
+  save()
   print(f"\n{head['device_kind']} ({head['backend']}), jax {head['jax']}, {args.mode} mode, "
         f"dtype {args.dtype}, B*T={args.tokens}, median of {args.iters}")
   print(table(rows, head["backend"] == "gpu", args.mode == "layer"))
   if any(r.get("x_vs_cudnn") is not None and "cudnn" not in r["x_vs_baseline"] for r in rows):
     print("* x_vs_cudnn relative to dense XLA (cuDNN did not run)")
-  out = Path(args.out)
-  out.parent.mkdir(parents=True, exist_ok=True)
-  out.write_text(json.dumps(dict(header=head, rows=rows), indent=1) + "\n")
   print(f"wrote {out}")
 
 

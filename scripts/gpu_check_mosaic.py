@@ -184,6 +184,8 @@ def main():
   p.add_argument("--seq-lens", type=bench.ints, default=[4096, 8192, 16384])
   p.add_argument("--probes", action="store_true", help="forward option probes first")
   p.add_argument("--pallas", action="store_true", help="also time the Pallas-Triton kernel")
+  p.add_argument("--accuracy", default="mlr8_d64,mlr4_d128,mlr3_d64_noncausal",
+                 help="accuracy cases to run (comma list; '' for none)")
   p.add_argument("--extras", action="store_true", help="option variants at T=4096")
   args = p.parse_args()
   start = time.perf_counter()
@@ -222,6 +224,8 @@ def main():
   if args.extras:
     steps += [("time", n, (4096, ("fwd", "fwdbwd"))) for n in (
         "mlr8_mosaic_bk128_d64", "mlr4_mosaic_bk128_d128", "dense_mosaic_d64", "mlr8_xla_d64")]
+  wanted = set(filter(None, args.accuracy.split(",")))
+  steps = [st for st in steps if st[0] != "acc" or st[1] in wanted]
   for kind, name, a in steps:
     if late():
       log(f"deadline: stopping before {kind} {name}")
