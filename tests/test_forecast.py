@@ -4,7 +4,9 @@ attention, config errors, and a tiny model that beats repeat-last on ETTh1."""
 
 import functools
 import json
+import os
 import shutil
+import time
 
 import jax
 import jax.numpy as jnp
@@ -415,3 +417,32 @@ def test_table_reuses_a_finished_group_without_training(tmp_path):
   assert abs(row["test/mse_mean"] - 0.41) < 1e-12
   (runs / "etth1-96-mlr-s1" / "result.json").write_text(json_lib.dumps({"status": "failed: x"}))
   assert table.finished_results([str(runs / f"etth1-96-mlr-s{s}") for s in (0, 1)]) is None
+
+
+def test_table_retries_out_of_memory_groups_with_fewer_workers(monkeypatch):
+  """A group that runs out of GPU memory under 0.9/workers is retried after the others with
+  half the workers (twice the memory), down to one worker; every group is reported once."""
+  from structattn.forecast import table
+  from tests import fake_groups
+  monkeypatch.delenv("XLA_PYTHON_CLIENT_MEM_FRACTION", raising=False)
+  jobs = [("small", 1, "mha"), ("big", 1, "mha"), ("small", 2, "mha"), ("small", 3, "mha")]
+  rows = []
+  table.schedule(jobs, 4, fake_groups.needs_half_the_gpu, time.time() + 120, rows.append)
+  by = {(r["dataset"], r["horizon"]): r for r in rows}
+  assert len(rows) == 4 and len(by) == 4
+  assert all(r["status"] == "completed" for r in rows), rows
+  assert by[("small", 1)]["fraction"] == "0.225"  # first pass: 4 workers
+  assert by[("big", 1)]["fraction"] is None  # 4 -> 2 (0.45, still too little) -> 1: the whole GPU
+  assert "XLA_PYTHON_CLIENT_MEM_FRACTION" not in os.environ
+
+
+def test_table_keeps_a_callers_memory_fraction_and_reports_the_failure(monkeypatch):
+  from structattn.forecast import table
+  from tests import fake_groups
+  monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.2")
+  rows = []
+  table.schedule([("big", 1, "mha"), ("small", 1, "mha")], 2, fake_groups.needs_half_the_gpu,
+                 time.time() + 120, rows.append)
+  by = {r["dataset"]: r for r in rows}
+  assert table.out_of_memory(by["big"]) and by["small"]["status"] == "completed"
+  assert by["small"]["fraction"] == "0.2" and os.environ["XLA_PYTHON_CLIENT_MEM_FRACTION"] == "0.2"

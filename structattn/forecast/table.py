@@ -9,7 +9,8 @@ Each (dataset, horizon, variant) is one group of seeds trained vmapped in one pr
 <variant>`); groups run in `--workers` spawned processes, in the order given (dataset-major),
 and a group is not started when less than `--min_left_s` of the deadline remains. With
 several workers each preallocates 0.9/workers of the GPU (`XLA_PYTHON_CLIENT_MEM_FRACTION`
-overrides it); exchange needs about 12 GB per group, so use at most 6 workers on an 80 GB card.
+overrides it); a group that runs out of memory is retried after the others with half the
+workers, down to one (exchange needs about 12 GB per group).
 A group whose seeds all completed under `--runs` is read back, not retrained. Writes
 OUT/summary.json (per group: per-seed test/val MSE and MAE, mean and sample std over seeds,
 steps, wall time, device, versions) after every group, and OUT/table.md at the end; run
@@ -100,6 +101,68 @@ def run_group(job):
   return out
 
 
+def out_of_memory(row) -> bool:
+  status = row.get("status", "")
+  return status.startswith("failed") and ("RESOURCE_EXHAUSTED" in status
+                                          or "Out of memory" in status)
+
+
+def _run_pass(jobs, workers, run, deadline):
+  """Yield run(job) rows from `workers` spawned processes until done or the deadline."""
+  ctx = mp.get_context("spawn")
+  pool = ctx.Pool(workers)
+  try:
+    it = pool.imap_unordered(run, jobs)
+    for _ in jobs:
+      try:
+        yield it.next(timeout=max(1.0, deadline - time.time()))
+      except mp.TimeoutError:
+        return
+  finally:
+    pool.terminate()
+
+
+def schedule(jobs, workers, run, deadline, on_row):
+  """Run every job in `workers` processes; a group that ran out of GPU memory is retried in a
+  later pass with half the workers (so twice the memory each), down to one worker.
+
+  With several workers each preallocates 0.9/workers of the GPU, so one group that needs more
+  memory fails on its own instead of starving the others (12 workers growing freely on one
+  H100 ran out of memory in 17 groups; exchange groups need about 12 GB, 20 GB for SWA before
+  the band fix). A fraction set by the caller (XLA_PYTHON_CLIENT_MEM_FRACTION) is kept, and
+  then out-of-memory groups are not retried. on_row gets the final row of every finished job.
+  """
+  managed = "XLA_PYTHON_CLIENT_MEM_FRACTION" not in os.environ
+  pending = list(jobs)
+  try:
+    while pending:
+      if managed:
+        if workers > 1:
+          os.environ["XLA_PYTHON_CLIENT_MEM_FRACTION"] = f"{0.9 / workers:.3f}"
+        else:
+          os.environ.pop("XLA_PYTHON_CLIENT_MEM_FRACTION", None)
+      retry = []
+      for row in _run_pass(pending, min(workers, len(pending)), run, deadline):
+        if managed and workers > 1 and out_of_memory(row):
+          retry.append(row)
+          print(f"out of memory with {workers} workers, retried with fewer: "
+                f"{row['dataset']}-{row['horizon']}-{row['variant']}", flush=True)
+        else:
+          on_row(row)
+      if not retry:
+        return
+      keys = {(r["dataset"], r["horizon"], r["variant"]) for r in retry}
+      pending = [j for j in pending if (j[0], j[1], j[2]) in keys]
+      workers = max(1, workers // 2)
+      if time.time() >= deadline:  # report the failures as they were
+        for row in retry:
+          on_row(row)
+        return
+  finally:
+    if managed:
+      os.environ.pop("XLA_PYTHON_CLIENT_MEM_FRACTION", None)
+
+
 def markdown(rows) -> str:
   lines = ["| dataset | H | variant | test MSE | test MAE | val MSE | steps | PatchTST/64 MSE |",
            "|---|---|---|---|---|---|---|---|"]
@@ -146,11 +209,6 @@ def main(argv=None):
     for h in horizons:
       for v in args.variants.split(","):
         jobs.append((ds, h, v, seeds, overrides, args.epochs, runs, deadline, args.min_left_s))
-  # Each worker gets its own slice of the GPU (preallocated), so one group that needs more
-  # memory fails on its own instead of starving the others: 12 workers growing freely on one
-  # H100 ran out of memory in 17 groups. Exchange (D=128) needs about 12 GB per group of 3 seeds.
-  if args.workers > 1 and "XLA_PYTHON_CLIENT_MEM_FRACTION" not in os.environ:
-    os.environ["XLA_PYTHON_CLIENT_MEM_FRACTION"] = f"{0.9 / args.workers:.3f}"
   rows = []
 
   def write():
@@ -159,22 +217,14 @@ def main(argv=None):
     (out / "summary.json").write_text(json.dumps(
         {"rows": rows, "args": vars(args), "elapsed_s": time.time() - t_start}, indent=1))
 
-  ctx = mp.get_context("spawn")
-  pool = ctx.Pool(args.workers, maxtasksperchild=None)
-  try:
-    it = pool.imap_unordered(run_group, jobs)
-    for _ in jobs:
-      try:
-        row = it.next(timeout=max(1.0, deadline - time.time()))
-      except mp.TimeoutError:
-        break
-      rows.append(row)
-      print(json.dumps({k: row.get(k) for k in ("dataset", "horizon", "variant", "status",
-                                                 "test/mse_mean", "test/mae_mean", "wall_s")}),
-            flush=True)
-      write()
-  finally:
-    pool.terminate()
+  def on_row(row):
+    rows.append(row)
+    print(json.dumps({k: row.get(k) for k in ("dataset", "horizon", "variant", "status",
+                                               "test/mse_mean", "test/mae_mean", "wall_s")}),
+          flush=True)
+    write()
+
+  schedule(jobs, args.workers, run_group, deadline, on_row)
   done = {(r["dataset"], r["horizon"], r["variant"]) for r in rows}
   rows += [{"dataset": j[0], "horizon": j[1], "variant": j[2], "seeds": seeds,
             "status": "not run: deadline"} for j in jobs if (j[0], j[1], j[2]) not in done]
