@@ -85,11 +85,18 @@ CASES = {
 }
 
 
+# chunk=32 (32-column q/k chunks, 64-byte swizzle): prefixes cut at 32 (d64 8 levels), a
+# d128 config whose prefixes cross 32-column chunk boundaries, a non-causal case, and
+# k=24 (padded to one 32-column chunk instead of 64)
+CHUNK32 = ["mlr8_paper", "mlr4_d128", "mlr4_noncausal", "ragged"]
+
+
 @needs_interpret
-@pytest.mark.parametrize("name", sorted(CASES))
-def test_matches_reference_values_and_grads(name):
+@pytest.mark.parametrize("name,chunk", [pytest.param(n, 64, id=n) for n in sorted(CASES)] +
+                         [pytest.param(n, 32, id=f"{n}-chunk32") for n in CHUNK32])
+def test_matches_reference_values_and_grads(name, chunk):
   pat, t, kw = CASES[name]
-  _check(pat, t, **kw)
+  _check(pat, t, chunk=chunk, **kw)
 
 
 @needs_interpret
@@ -161,6 +168,15 @@ def test_rejects_unsupported():
     mlr_attention(q, q, q, P(("global",), (0,), (64,)), backward="xla")
 
 
+def test_rejects_bad_chunk():
+  """chunk (feature-chunk width) must be 32 or 64; checked before any kernel is built."""
+  if mosaic_mlr.plgpu is None:
+    pytest.skip("no jax.experimental.pallas.mosaic_gpu")
+  q = jnp.zeros((1, 128, 1, 64), jnp.float32)
+  with pytest.raises(ValueError, match=r"chunk.*\(32, 64\)"):
+    mosaic_mlr.mlr_attention_mosaic(q, q, q, P(("global",), (0,), (64,)), chunk=48)
+
+
 def test_impl_mosaic_falls_back_off_gpu():
   """attention(impl='mosaic') serves the XLA path off GPU."""
   pat = P(("global", "block"), (0, 16), (8, 8), divide="block")
@@ -205,3 +221,64 @@ def test_backward_lowers_to_mosaic_gpu_for_cuda(widths, sizes, kw):
       mosaic_mlr.mlr_attention_mosaic(q, k, v, pat, **kw).astype(jnp.float32))
   txt = _lower_cuda(jax.grad(loss, argnums=(0, 1, 2)), q, q, q)
   assert txt.count("mosaic_gpu") >= 3 and "triton" not in txt.lower()
+
+
+@needs_interpret
+@pytest.mark.parametrize("widths,sizes,kw", LOWER_CASES)
+def test_chunk32_lowers_to_mosaic_gpu_for_cuda(widths, sizes, kw):
+  """chunk=32 (64-byte swizzled q/k chunks, wgmma K = 32): forward and the Mosaic backward
+  lower for CUDA without a GPU."""
+  pat = P(("global",) + ("block",) * (len(widths) - 1), sizes, widths, divide="block")
+  q = jax.ShapeDtypeStruct((1, 1024, 2, sum(widths)), jnp.bfloat16)
+  f = lambda q, k, v: mosaic_mlr.mlr_attention_mosaic(q, k, v, pat, chunk=32, **kw)
+  assert "mosaic_gpu" in _lower_cuda(f, q, q, q)
+  loss = lambda q, k, v: jnp.sum(f(q, k, v).astype(jnp.float32))
+  txt = _lower_cuda(jax.grad(loss, argnums=(0, 1, 2)), q, q, q)
+  assert txt.count("mosaic_gpu") >= 3 and "triton" not in txt.lower()
+
+
+def _forward_qk_cols(monkeypatch, pat, t, k, dv, chunk):
+  """Trace the Mosaic forward, recording every wgmma: returns, per traced key-tile loop
+  body in order (far loops, then the near loop), the q.k columns it contracts (sum of
+  wgmma K over its q.k calls).  dv = 128 tells the PV call (B: (bk, 128)) from q.k (B:
+  (chunk, bk))."""
+  calls = []
+  wgmma = mosaic_mlr.plgpu.wgmma
+
+  def record(acc, a, b, *args, **kwargs):
+    calls.append((tuple(a.shape), tuple(b.shape)))
+    return wgmma(acc, a, b, *args, **kwargs)
+
+  monkeypatch.setattr(mosaic_mlr.plgpu, "wgmma", record)
+  q = jax.ShapeDtypeStruct((1, t, 1, k), jnp.bfloat16)
+  v = jax.ShapeDtypeStruct((1, t, 1, dv), jnp.bfloat16)
+  jax.jit(lambda q, k, v: mosaic_mlr.mlr_attention_mosaic(q, k, v, pat, chunk=chunk)).trace(
+      q, q, v)
+  monkeypatch.setattr(mosaic_mlr.plgpu, "wgmma", wgmma)
+  bodies, cols = [], 0
+  for a, b in calls:
+    if b[-1] == dv:  # PV: ends a loop body
+      bodies.append(cols)
+      cols = 0
+    else:
+      assert a[-1] == b[0] == chunk, (a, b, chunk)
+      cols += a[-1]
+  return bodies
+
+
+@needs_interpret
+def test_chunk32_far_loops_contract_fewer_qk_columns(monkeypatch):
+  """d64 8-level paper config: every prefix rounds up to 64 with chunk=64, so each far loop
+  contracts 64 q.k columns; with chunk=32 the coarse level (P_0 = 32) contracts one
+  32-column chunk.  Counted on the traced kernel (fails if `chunk` is ignored) and checked
+  against `_chunks`, which the kernel uses to pick the chunks of a prefix."""
+  widths = (32, 8, 6, 4, 4, 4, 4, 2)
+  pat = P(("global",) + ("block",) * 7, (0, 512, 256, 128, 64, 32, 16, 8), widths,
+          divide="block")
+  far = {c: _forward_qk_cols(monkeypatch, pat, 1024, 64, 128, c)[:-1] for c in (64, 32)}
+  assert len(far[64]) == len(far[32]) >= 2
+  assert far[64] == [64] * len(far[64])
+  prefix = np.cumsum(widths)
+  assert set(far[32]) <= {mosaic_mlr._chunks(int(p), 32) * 32 for p in prefix}
+  assert min(far[32]) == 32 and mosaic_mlr._chunks(32, 32) == 1
+  assert sum(far[32]) < sum(far[64])

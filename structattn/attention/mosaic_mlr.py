@@ -11,10 +11,11 @@ holds 2 compute warpgroups of 64 query rows each plus one memory warpgroup strea
 key/value tiles of `block_k` rows through a TMA pipeline of 2 slots.  Each compute
 warpgroup walks its key tiles in order, split into static loops (the ranges of
 `pallas_mlr._ranges`): a *far* loop per coarse level l (every pair of the tile pair has
-deepest shared level l) contracts q and k over the first ceil(P_l / 64) 64-column chunks
-only (q's chunk cut by P_l is masked in registers; the wgmma K granularity used here is
-64); the *near* loop (the tile pairs touched by sub-tile levels and the causal diagonal)
-computes one product per level segment and combines them with per-element block masks.
+deepest shared level l) contracts q and k over the first ceil(P_l / chunk) chunks of
+`chunk` columns only (q's chunk cut by P_l is masked in registers; the wgmma K granularity
+used here is `chunk`); the *near* loop (the tile pairs touched by sub-tile levels and the
+causal diagonal) computes one product per level segment and combines them with
+per-element block masks.
 Causal tiles after the diagonal are skipped.  Online softmax in base 2, fp32 accumulation,
 bf16/fp16 operands (float32 inputs are rounded to bf16).  Level scales are folded into q
 by the caller; the per-level divisor (divide='block'/'levels') is a static per-loop scale.
@@ -32,8 +33,13 @@ product per level segment; segment [P_{l-1}, P_l) of the gradient gets only the 
 whose deepest shared level is >= l, each with its own divisor (the maths of the Triton
 backward).  backward='triton': the Pallas-Triton dq and dk/dv kernels of `pallas_mlr`.
 
-Layout: q and k are passed to the kernel as (B, H, C, T, 64) (C = padded width / 64) so
-that a tile's 64-column chunks are separate TMA/wgmma operands; v stays (B, T, H, Wv).
+Layout: q and k are passed to the kernel as (B, H, C, T, chunk) (C = padded width / chunk)
+so that a tile's chunks are separate TMA/wgmma operands; v stays (B, T, H, Wv).  `chunk`
+is 64 (default: 128-byte swizzled bf16 rows) or 32 (64-byte swizzle, wgmma K = 32): with 32,
+a prefix such as P_0 = 32 of the d64 8-level paper config contracts 32 columns instead of
+64.  Only the q/k (dq/dk) chunk buffers change; v, dO and P keep their layouts (the SMEM
+staging of dS, used only with register A operands off, takes the chunk swizzle: a wgmma's
+A and B share one swizzle).
 Causal inputs are zero-padded in time to a multiple of the coarsest block and of 128;
 non-causal inputs need T divisible by the block sizes and by 128.
 """
@@ -59,7 +65,8 @@ except ImportError:  # pragma: no cover
 
 LOG2E = pm.LOG2E
 NEG = pm.NEG
-CHUNK = 64  # feature chunk: wgmma K granularity used here (one 128-byte swizzle row of bf16)
+CHUNK = 64  # default feature chunk: wgmma K granularity (one 128-byte swizzle row of bf16)
+CHUNKS = (32, 64)  # allowed feature chunk widths (`chunk` option)
 BQ = 64  # query rows per compute warpgroup (one wgmma M tile)
 WGS = 2  # compute warpgroups per CTA
 
@@ -71,16 +78,24 @@ def interpret_supported() -> bool:
 
 @dataclasses.dataclass(frozen=True)
 class MosaicConfig:
-  levels: pm.Levels  # wk/wv: padded widths (multiples of 64)
+  levels: pm.Levels  # wk: padded q/k width (multiple of chunk); wv: multiple of 64
   block_k: int
   slots: int = 2
   schedule_barrier: bool = True
   acc_init: bool = True  # PV accumulates in place (run_state); False: fresh ACC + add
   reg_a: bool = True  # register wgmma A operands (P, masked q); False: staged via SMEM
+  chunk: int = CHUNK  # feature chunk width of q/k (and dq/dk): 32 or 64
 
 
-def _chunks(p: int) -> int:
-  return -(-p // CHUNK)
+def _chunks(p: int, chunk: int = CHUNK) -> int:
+  """Chunks of `chunk` columns covering the prefix [0, p)."""
+  return -(-p // chunk)
+
+
+def _chunk_transforms(chunk: int, dtype):
+  """SMEM transforms of a (rows, chunk) q/k chunk: one swizzle row per chunk row."""
+  return (plgpu.TilingTransform((8, chunk)),
+          plgpu.SwizzleTransform(chunk * jnp.dtype(dtype).itemsize))
 
 
 def _segments(lv: pm.Levels, g: int):
@@ -92,10 +107,11 @@ def _segments(lv: pm.Levels, g: int):
 
 
 def _forward(qc, kc, v, cfg: MosaicConfig, interpret):
-  """qc, kc: (B, H, C, T, 64); v: (B, T, H, Wv).  Returns o (B, T, H, Wv), lse (B, H, T)
+  """qc, kc: (B, H, C, T, chunk); v: (B, T, H, Wv).  Returns o (B, T, H, Wv), lse (B, H, T)
   in base 2."""
-  lv, bk = cfg.levels, cfg.block_k
+  lv, bk, ch = cfg.levels, cfg.block_k, cfg.chunk
   b, h, nc, t, _ = qc.shape
+  assert qc.shape[-1] == ch, (qc.shape, ch)
   wv = v.shape[-1]
   dtype = qc.dtype
   plan = pm._Plan(lv, BQ, bk)
@@ -145,17 +161,17 @@ def _forward(qc, kc, v, cfg: MosaicConfig, interpret):
 
       def q_chunk(c: int, lo: int, hi: int):
         """A operand: chunk c of the q tile with columns outside [lo, hi) zeroed."""
-        lo, hi = max(0, lo - c * CHUNK), min(CHUNK, hi - c * CHUNK)
-        if lo == 0 and hi == CHUNK:
+        lo, hi = max(0, lo - c * ch), min(ch, hi - c * ch)
+        if lo == 0 and hi == ch:
           return q_smem.at[c]
         x = plgpu.load(q_smem.at[c], layout=wgmma_layout)
-        col = plgpu.broadcasted_iota(jnp.int32, (BQ, CHUNK), 1, layout=wgmma_layout)
+        col = plgpu.broadcasted_iota(jnp.int32, (BQ, ch), 1, layout=wgmma_layout)
         return a_operand(jnp.where((col >= lo) & (col < hi), x, jnp.zeros((), dtype)), "q")
 
       def product(slot, lo: int, hi: int):
         """q[:, lo:hi] . k[:, lo:hi]^T over the chunks overlapping [lo, hi)."""
         def f(acc_ref):
-          for c in range(lo // CHUNK, _chunks(hi)):
+          for c in range(lo // ch, _chunks(hi, ch)):
             plgpu.wgmma(acc_ref, q_chunk(c, lo, hi), k_smem.at[slot, c].transpose((1, 0)))
           return acc_ref[...]
         return pl.run_scoped(f, plgpu.ACC((BQ, bk), jnp.float32))
@@ -281,13 +297,13 @@ def _forward(qc, kc, v, cfg: MosaicConfig, interpret):
       _produce(load, (k_cons, v_cons), 0, cta_steps, slots, drain=False)
 
   def entry(q_ref, k_ref, v_ref, o_ref, lse_ref):
-    tr = (tiling, swizzle)
-    bufs = (plgpu.SMEM((WGS, nc, BQ, CHUNK), dtype, transforms=tr),
+    tr, tc = (tiling, swizzle), _chunk_transforms(ch, dtype)
+    bufs = (plgpu.SMEM((WGS, nc, BQ, ch), dtype, transforms=tc),
             plgpu.SMEM((WGS, BQ, wv), dtype, transforms=tr),
-            plgpu.SMEM((slots, nc, bk, CHUNK), dtype, transforms=tr),
+            plgpu.SMEM((slots, nc, bk, ch), dtype, transforms=tc),
             plgpu.SMEM((slots, bk, wv), dtype, transforms=tr),
             plgpu.SMEM((WGS, BQ), jnp.float32),
-            {} if cfg.reg_a else {"q": plgpu.SMEM((WGS, BQ, CHUNK), dtype, transforms=tr),
+            {} if cfg.reg_a else {"q": plgpu.SMEM((WGS, BQ, ch), dtype, transforms=tc),
                                   "p": plgpu.SMEM((WGS, BQ, bk), dtype, transforms=tr)})
     pl.run_scoped(
         lambda *args: kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, args),
@@ -349,10 +365,10 @@ def _same_block(a, b, size: int):
   return lax.div(a, jnp.int32(size)) == lax.div(b, jnp.int32(size))
 
 
-def _grad_chunks(lv: pm.Levels, l: int):
+def _grad_chunks(lv: pm.Levels, l: int, chunk: int = CHUNK):
   """Gradient chunks of a far tile pair of level l: the full ones and the one cut by P_l."""
   p = lv.prefix[l]
-  return list(range(p // CHUNK)), (p // CHUNK if p % CHUNK else None)
+  return list(range(p // chunk)), (p // chunk if p % chunk else None)
 
 
 class _Ops:
@@ -360,6 +376,7 @@ class _Ops:
 
   def __init__(self, cfg: MosaicConfig, stage, wg, dtype):
     self.cfg, self.stage, self.wg, self.dtype = cfg, stage, wg, dtype
+    self.chunk = cfg.chunk
     self.layout = plgpu.Layout.WGMMA
 
   def a_operand(self, x, name):
@@ -375,17 +392,17 @@ class _Ops:
     return plgpu.broadcasted_iota(jnp.int32, shape, dim, layout=self.layout)
 
   def mask_cols(self, x, lo: int, hi: int):
-    """Zero the columns of a (rows, 64) chunk outside [lo, hi) (chunk-local bounds)."""
-    lo, hi = max(0, lo), min(CHUNK, hi)
-    if lo == 0 and hi == CHUNK:
+    """Zero the columns of a (rows, chunk) chunk outside [lo, hi) (chunk-local bounds)."""
+    lo, hi = max(0, lo), min(self.chunk, hi)
+    if lo == 0 and hi == self.chunk:
       return x
     col = self.iota(x.shape, 1)
     return jnp.where((col >= lo) & (col < hi), x, jnp.zeros((), x.dtype))
 
   def fixed_chunk(self, ref, c: int, lo: int, hi: int, name):
     """A operand: chunk c of a fixed (SMEM) tile with the columns outside [lo, hi) zeroed."""
-    lo, hi = lo - c * CHUNK, hi - c * CHUNK
-    if lo <= 0 and hi >= CHUNK:
+    lo, hi = lo - c * self.chunk, hi - c * self.chunk
+    if lo <= 0 and hi >= self.chunk:
       return ref.at[c]
     x = plgpu.load(ref.at[c], layout=self.layout)
     return self.a_operand(self.mask_cols(x, lo, hi), name)
@@ -394,12 +411,14 @@ class _Ops:
     """Scores (log2 domain) of a tile pair and the gradient factor: for a far pair of
     level l, (s, None); for a near pair (s, sel) with sel(ds) -> [(level, lo, hi, G)] the
     per-segment operands G (ds times the pair's divisor, zero where the pair's level is
-    coarser than the segment's).  fixed: SMEM (C, rows, 64) of the program's rows;
-    streamed: SMEM (C, cols, 64).  qk_rows: rows are queries (causal mask q >= k)."""
+    coarser than the segment's).  fixed: SMEM (C, rows, chunk) of the program's rows;
+    streamed: SMEM (C, cols, chunk).  qk_rows: rows are queries (causal mask q >= k)."""
+    ch = self.chunk
+
     def product(lo: int, hi: int):
       return _mm(shape, [(self.fixed_chunk(fixed, c, lo, hi, "fix"),
                           streamed.at[c].transpose((1, 0)))
-                         for c in range(lo // CHUNK, _chunks(hi))])
+                         for c in range(lo // ch, _chunks(hi, ch))])
 
     if level is not None:
       return product(0, lv.prefix[level]) * (lv.mult(level) * LOG2E), None
@@ -433,13 +452,13 @@ class _Ops:
     return s, sel
 
   def grad_update(self, lv: pm.Levels, level, sel, ds, other, accs, tmp, zero):
-    """Add the tile pair's contribution ds . other (other: SMEM (C, cols, 64)) to the chunk
+    """Add the tile pair's contribution ds . other (other: SMEM (C, cols, chunk)) to the chunk
     accumulators; a far pair's chunk cut by P_l goes to tmp (masked after its loop).
     zero: a traced int32 0; in-place accumulation (pl.run_state) cannot lower a static
     chunk index of a closed-over ref (a literal where an ir.Value is needed), so the
     chunk index is made dynamic."""
     if level is not None:
-      full, cut = _grad_chunks(lv, level)
+      full, cut = _grad_chunks(lv, level, self.chunk)
       g16 = self.a_operand((ds * lv.mult(level)).astype(self.dtype), "ds")
       targets = [accs[c] for c in full] + ([tmp] if cut is not None else [])
       chunks = full + ([cut] if cut is not None else [])
@@ -449,12 +468,12 @@ class _Ops:
       for c, x in zip(full, new):
         accs[c] = x
       return accs, (new[-1] if cut is not None else tmp)
-    accs = list(accs)
+    accs, ch = list(accs), self.chunk
     for _, lo, hi, gl in sel(ds):
       g16 = self.a_operand(gl.astype(self.dtype), "ds")
-      for c in range(lo // CHUNK, _chunks(hi)):
+      for c in range(lo // ch, _chunks(hi, ch)):
         d = _mm(accs[c].shape, [(g16, other.at[c])])
-        accs[c] = accs[c] + self.mask_cols(d, lo - c * CHUNK, hi - c * CHUNK)
+        accs[c] = accs[c] + self.mask_cols(d, lo - c * ch, hi - c * ch)
     return accs, tmp
 
 
@@ -488,16 +507,17 @@ def _produce(load, consumed, s0, s1, slots: int, drain: bool = True):
         plgpu.barrier_wait(bar.at[slot_of(step)])
 
 
-def _far_tmp(lv: pm.Levels, level, rows: int, layout):
-  if level is None or _grad_chunks(lv, level)[1] is None:
+def _far_tmp(lv: pm.Levels, level, rows: int, layout, chunk: int = CHUNK):
+  if level is None or _grad_chunks(lv, level, chunk)[1] is None:
     return None
-  return plgpu.layout_cast(jnp.full((rows, CHUNK), 0, jnp.float32), layout)
+  return plgpu.layout_cast(jnp.full((rows, chunk), 0, jnp.float32), layout)
 
 
 def _bwd_dq(qc, kc, v, do, lse, delta, cfg: MosaicConfig, interpret):
-  """dq (B, H, C, T, 64): program = 2 x 64 query rows, key/value tiles streamed."""
-  lv, bk = cfg.levels, 64
+  """dq (B, H, C, T, chunk): program = 2 x 64 query rows, key/value tiles streamed."""
+  lv, bk, ch = cfg.levels, 64, cfg.chunk
   b, h, nc, t, _ = qc.shape
+  assert qc.shape[-1] == ch, (qc.shape, ch)
   wv = v.shape[-1]
   dtype = qc.dtype
   plan = pm._Plan(lv, BQ, bk)
@@ -560,9 +580,9 @@ def _bwd_dq(qc, kc, v, do, lse, delta, cfg: MosaicConfig, interpret):
         plgpu.barrier_arrive(v_cons.at[slot])
         plgpu.barrier_arrive(k_cons.at[slot])
 
-      accs = [plgpu.layout_cast(jnp.full((BQ, CHUNK), 0, jnp.float32), L) for _ in range(nc)]
+      accs = [plgpu.layout_cast(jnp.full((BQ, ch), 0, jnp.float32), L) for _ in range(nc)]
       accs, _ = _walk(plan, q0, True, jnp.int32(0), cta_steps, bk, body, skip, (accs, ()),
-                      lambda l: _far_tmp(lv, l, BQ, L), ops)
+                      lambda l: _far_tmp(lv, l, BQ, L, ch), ops)
       for c in range(nc):
         q_smem.at[c][...] = accs[c].astype(dtype)
       plgpu.commit_smem()
@@ -581,14 +601,14 @@ def _bwd_dq(qc, kc, v, do, lse, delta, cfg: MosaicConfig, interpret):
       _produce(load, (k_cons, v_cons), 0, cta_steps, slots)
 
   def entry(*refs):
-    tr = (tiling, swizzle)
-    bufs = (plgpu.SMEM((WGS, nc, BQ, CHUNK), dtype, transforms=tr),
+    tr, tc = (tiling, swizzle), _chunk_transforms(ch, dtype)
+    bufs = (plgpu.SMEM((WGS, nc, BQ, ch), dtype, transforms=tc),
             plgpu.SMEM((WGS, BQ, wv), dtype, transforms=tr),
             plgpu.SMEM((WGS, BQ), jnp.float32), plgpu.SMEM((WGS, BQ), jnp.float32),
-            plgpu.SMEM((slots, nc, bk, CHUNK), dtype, transforms=tr),
+            plgpu.SMEM((slots, nc, bk, ch), dtype, transforms=tc),
             plgpu.SMEM((slots, bk, wv), dtype, transforms=tr),
-            {} if cfg.reg_a else {"fix": plgpu.SMEM((WGS, BQ, CHUNK), dtype, transforms=tr),
-                                  "ds": plgpu.SMEM((WGS, BQ, bk), dtype, transforms=tr)})
+            {} if cfg.reg_a else {"fix": plgpu.SMEM((WGS, BQ, ch), dtype, transforms=tc),
+                                  "ds": plgpu.SMEM((WGS, BQ, bk), dtype, transforms=tc)})
     pl.run_scoped(
         lambda *args: kernel(*refs, args), bufs,
         (plgpu.Barrier(num_barriers=slots),) * 2,
@@ -623,19 +643,20 @@ def _walk(plan: pm._Plan, r0, rows_are_queries: bool, s0, s1, tile: int, body, s
                                        pm._idiv(jnp.int32(hi), tile),
                                        functools.partial(body, l), (state, make_tmp(l)))
     if tmp is not None:
-      c = lv.prefix[l] // CHUNK
+      c = lv.prefix[l] // ops.chunk
       accs = list(accs)
-      accs[c] = accs[c] + ops.mask_cols(tmp, 0, lv.prefix[l] - c * CHUNK)
+      accs[c] = accs[c] + ops.mask_cols(tmp, 0, lv.prefix[l] - c * ops.chunk)
     state = (accs, extra)
   lax.fori_loop(pm._idiv(jnp.int32(loops[-1][1]), tile), s1, skip, None)
   return state
 
 
 def _bwd_dkdv(qc, kc, v, do, lse, delta, cfg: MosaicConfig, interpret):
-  """dk (B, H, C, T, 64), dv (B, T, H, Wv): program = 2 x 64 key rows, query tiles (q, dO,
-  lse, delta) streamed."""
-  lv, bq = cfg.levels, 64
+  """dk (B, H, C, T, chunk), dv (B, T, H, Wv): program = 2 x 64 key rows, query tiles (q,
+  dO, lse, delta) streamed."""
+  lv, bq, ch = cfg.levels, 64, cfg.chunk
   b, h, nc, t, _ = qc.shape
+  assert qc.shape[-1] == ch, (qc.shape, ch)
   wv = v.shape[-1]
   dtype = qc.dtype
   plan = pm._Plan(lv, bq, BQ)  # rows = keys (BQ of them per warpgroup), columns = queries
@@ -698,9 +719,9 @@ def _bwd_dkdv(qc, kc, v, do, lse, delta, cfg: MosaicConfig, interpret):
         plgpu.barrier_arrive(cons.at[slot])
 
       zero = lambda w: plgpu.layout_cast(jnp.full((BQ, w), 0, jnp.float32), L)
-      state = ([zero(CHUNK) for _ in range(nc)], zero(wv))
+      state = ([zero(ch) for _ in range(nc)], zero(wv))
       state = _walk(plan, k0, False, s0, s1, bq, body, skip, state,
-                    lambda l: _far_tmp(lv, l, BQ, L), ops)
+                    lambda l: _far_tmp(lv, l, BQ, L, ch), ops)
       accs, dv = state
       for c in range(nc):
         k_smem.at[c][...] = accs[c].astype(dtype)
@@ -726,15 +747,15 @@ def _bwd_dkdv(qc, kc, v, do, lse, delta, cfg: MosaicConfig, interpret):
       _produce(load, (cons,), s0, s1, slots)
 
   def entry(*refs):
-    tr = (tiling, swizzle)
-    bufs = (plgpu.SMEM((WGS, nc, BQ, CHUNK), dtype, transforms=tr),
+    tr, tc = (tiling, swizzle), _chunk_transforms(ch, dtype)
+    bufs = (plgpu.SMEM((WGS, nc, BQ, ch), dtype, transforms=tc),
             plgpu.SMEM((WGS, BQ, wv), dtype, transforms=tr),
-            plgpu.SMEM((slots, nc, bq, CHUNK), dtype, transforms=tr),
+            plgpu.SMEM((slots, nc, bq, ch), dtype, transforms=tc),
             plgpu.SMEM((slots, bq, wv), dtype, transforms=tr),
             plgpu.SMEM((slots, bq), jnp.float32), plgpu.SMEM((slots, bq), jnp.float32),
-            {} if cfg.reg_a else {"fix": plgpu.SMEM((WGS, BQ, CHUNK), dtype, transforms=tr),
+            {} if cfg.reg_a else {"fix": plgpu.SMEM((WGS, BQ, ch), dtype, transforms=tc),
                                   "p": plgpu.SMEM((WGS, BQ, bq), dtype, transforms=tr),
-                                  "ds": plgpu.SMEM((WGS, BQ, bq), dtype, transforms=tr)})
+                                  "ds": plgpu.SMEM((WGS, BQ, bq), dtype, transforms=tc)})
     pl.run_scoped(
         lambda *args: kernel(*refs, args), bufs,
         (plgpu.Barrier(num_barriers=WGS),) * 2,
@@ -763,9 +784,11 @@ class _Config:
   backward: str = "mosaic"  # 'mosaic' | 'triton'
 
 
-def _to_chunks(x):
+def _to_chunks(x, chunk: int = CHUNK):
+  """(B, T, H, W) -> (B, H, W / chunk, T, chunk)."""
   b, t, h, w = x.shape
-  return x.reshape(b, t, h, w // CHUNK, CHUNK).transpose(0, 2, 3, 1, 4)
+  assert w % chunk == 0, (w, chunk)
+  return x.reshape(b, t, h, w // chunk, chunk).transpose(0, 2, 3, 1, 4)
 
 
 def _interp(cfg: _Config):
@@ -774,16 +797,20 @@ def _interp(cfg: _Config):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def _mlr(q, k, v, cfg: _Config):
-  return _forward(_to_chunks(q), _to_chunks(k), v, cfg.mosaic, _interp(cfg))[0]
+  ch = cfg.mosaic.chunk
+  return _forward(_to_chunks(q, ch), _to_chunks(k, ch), v, cfg.mosaic, _interp(cfg))[0]
 
 
 def _mlr_fwd(q, k, v, cfg: _Config):
-  o, lse = _forward(_to_chunks(q), _to_chunks(k), v, cfg.mosaic, _interp(cfg))
+  ch = cfg.mosaic.chunk
+  o, lse = _forward(_to_chunks(q, ch), _to_chunks(k, ch), v, cfg.mosaic, _interp(cfg))
   return o, (q, k, v, o, lse)
 
 
-def _from_chunks(x):
+def _from_chunks(x, chunk: int = CHUNK):
+  """(B, H, C, T, chunk) -> (B, T, H, C * chunk)."""
   b, h, c, t, w = x.shape
+  assert w == chunk, (x.shape, chunk)
   return x.transpose(0, 3, 1, 2, 4).reshape(b, t, h, c * w)
 
 
@@ -792,10 +819,11 @@ def _backward(cfg: _Config, res, do):
   q, k, v, o, lse = res
   delta = jnp.einsum("bthd,bthd->bht", o.astype(jnp.float32), do.astype(jnp.float32))
   do = do.astype(v.dtype)
-  qc, kc = _to_chunks(q), _to_chunks(k)
+  ch = cfg.mosaic.chunk
+  qc, kc = _to_chunks(q, ch), _to_chunks(k, ch)
   dq = _bwd_dq(qc, kc, v, do, lse, delta, cfg.mosaic, _interp(cfg))
   dk, dv = _bwd_dkdv(qc, kc, v, do, lse, delta, cfg.mosaic, _interp(cfg))
-  return _from_chunks(dq), _from_chunks(dk), dv
+  return _from_chunks(dq, ch), _from_chunks(dk, ch), dv
 
 
 def _mlr_bwd(cfg: _Config, res, do):
@@ -813,7 +841,8 @@ _mlr.defvjp(_mlr_fwd, _mlr_bwd)
 def mlr_attention_mosaic(q_BTHK, k_BTHK, v_BTHV, pattern: Pattern, *, interpret: bool = False,
                          block_q: int | None = None, block_k: int | None = None,
                          tiles: pm.Tiles | None = None, schedule_barrier: bool = True,
-                         acc_init: bool | None = None, backward: str = "mosaic"):
+                         acc_init: bool | None = None, backward: str = "mosaic",
+                         chunk: int = CHUNK):
   """Fused nested-block (MLR) attention, Mosaic GPU forward; same result as
   `core.blocked_attention` and `pallas_mlr.mlr_attention_pallas`.
 
@@ -821,9 +850,12 @@ def mlr_attention_mosaic(q_BTHK, k_BTHK, v_BTHV, pattern: Pattern, *, interpret:
   block_q: must be None or 64 (rows per compute warpgroup); block_k: key tile rows
   (64 or 128, default 64).  backward: 'mosaic' (Mosaic GPU dq and dk/dv kernels) or
   'triton' (the Pallas-Triton backward of pallas_mlr, with `tiles`: pallas_mlr.Tiles).
-  interpret=True runs the kernels in Mosaic GPU interpret mode (the Triton backward in
-  the Pallas interpreter) on CPU.  bfloat16/float16 operands (float32 inputs are rounded to
-  bfloat16), float32 accumulation; the output has v's dtype.
+  chunk: feature-chunk width of q/k, the wgmma K granularity of q.k (64, default; or 32:
+  64-byte swizzled chunks, so a far level with P_l <= 32 contracts 32 columns, e.g. the
+  coarse level of the d64 8-level paper config).  q/k are zero-padded to a power-of-two
+  width >= chunk.  interpret=True runs the kernels in Mosaic GPU interpret mode (the Triton
+  backward in the Pallas interpreter) on CPU.  bfloat16/float16 operands (float32 inputs
+  are rounded to bfloat16), float32 accumulation; the output has v's dtype.
   """
   if plgpu is None:
     raise ImportError("mlr_attention_mosaic needs jax.experimental.pallas.mosaic_gpu")
@@ -844,19 +876,21 @@ def mlr_attention_mosaic(q_BTHK, k_BTHK, v_BTHV, pattern: Pattern, *, interpret:
     raise ValueError(f"backward must be 'mosaic' or 'triton', got {backward!r}")
   if bk not in (64, 128):
     raise ValueError(f"block_k must be 64 or 128, got {bk}")
+  if chunk not in CHUNKS:
+    raise ValueError(f"chunk must be one of {CHUNKS}, got {chunk!r}")
   tile = max(WGS * BQ, bk)
   if not pattern.causal:
     tile = math.lcm(tile, pm.MIN_WIDTH)
   tp, lv = pm._levels_and_length(pattern, t, k, dv, tile)
-  wk = max(CHUNK, pm._pow2(k))
-  wv = max(CHUNK, pm._pow2(dv))
+  wk = max(chunk, pm._pow2(k))
+  wv = max(64, pm._pow2(dv))  # PV wgmma N / 128-byte swizzled v rows
   lv = dataclasses.replace(lv, wk=wk, wv=wv)
   tiles = pm._fit_tiles(tiles or pm.Tiles.default(max(wk, wv)), tp)
   pad = lambda x, w: jnp.pad(x.astype(dtype), [(0, 0), (0, tp - t), (0, 0), (0, w - x.shape[-1])])
   q, kk, v = pad(q_BTHK, wk), pad(k_BTHK, wk), pad(v_BTHV, wv)
   acc_init = (not interpret) if acc_init is None else acc_init
   cfg = _Config(MosaicConfig(lv, bk, schedule_barrier=schedule_barrier, acc_init=acc_init,
-                             reg_a=not interpret),
+                             reg_a=not interpret, chunk=chunk),
                 tiles, bool(interpret), backward)
   out = _mlr(q, kk, v, cfg)
   return out[:, :t, :, :dv].astype(out_dtype)
