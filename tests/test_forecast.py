@@ -397,6 +397,38 @@ def test_best_validation_selection_scores_test_with_the_best_parameters(tmp_path
   assert resumed["test/mse"] == pytest.approx(res["test/mse"], rel=1e-5)
 
 
+def test_group_best_validation_equals_a_group_stopped_at_the_best_step(tmp_path):
+  """The forecasting table's path (vmapped group, dropout, best-validation selection): each
+  member's test metrics equal those of the same group stopped at that member's best step
+  (constant LR, so the trajectories agree up to it)."""
+  def configs(steps, select):
+    out = []
+    for seed in (0, 1):
+      c = fc_configs.get_config("tiny")
+      c.progress, c.seed = False, seed
+      c.model.dropout = 0.3
+      c.train.update(steps=steps, lr=1e-1, schedule="constant", steps_per_call=10)
+      c.eval.update(every=10, select_best=select)
+      c.log_every, c.checkpoint_every = 10, 50
+      out.append(c)
+    return out
+
+  def group(steps, select, name):
+    return train_lib.train_group(configs(steps, select),
+                                 [str(tmp_path / f"{name}-s{s}") for s in (0, 1)],
+                                 group_dir=str(tmp_path / f"group-{name}"))
+
+  res = group(50, True, "select")
+  assert min(r["select/best_step"] for r in res) < 50  # a member selects an earlier step
+  for best in sorted({r["select/best_step"] for r in res}):
+    stopped = group(best, False, f"stop{best}")
+    for r, st in zip(res, stopped):
+      if r["select/best_step"] == best:
+        assert st["final/val_mse"] == pytest.approx(r["select/best_value"], rel=1e-6)
+        assert st["test/mse"] == pytest.approx(r["test/mse"], rel=1e-6)
+        assert st["test/mae"] == pytest.approx(r["test/mae"], rel=1e-6)
+
+
 def test_table_reuses_a_finished_group_without_training(tmp_path):
   """`python -m structattn.forecast.table` on a runs dir whose group already completed reads
   the seeds' result.json files instead of training again (so a cut-off table resumes)."""
