@@ -429,6 +429,21 @@ def test_group_best_validation_equals_a_group_stopped_at_the_best_step(tmp_path)
         assert st["test/mae"] == pytest.approx(r["test/mae"], rel=1e-6)
 
 
+def test_drop_last_metrics_score_only_whole_batches():
+  """*_drop_last: the reference code's test protocol (in order, last partial batch dropped),
+  over the real windows only (eval padding excluded first)."""
+  from structattn.forecast import task as ftask
+  arrays = {"se": np.array([1.0, 1.0, 1.0, 1.0, 5.0, 9.0]),
+            "ae": np.array([1.0, 1.0, 1.0, 1.0, 2.0, 9.0]),
+            "valid": np.array([1, 1, 1, 1, 1, 0])}
+  out = ftask.summarize(arrays, "test", drop_last_batch=2)
+  assert out["test/windows"] == 5 and out["test/mse"] == pytest.approx(9 / 5)
+  assert out["test/windows_drop_last"] == 4
+  assert out["test/mse_drop_last"] == 1.0 and out["test/mae_drop_last"] == 1.0
+  assert "test/mse_drop_last" not in ftask.summarize(arrays, "test")
+  assert "test/mse_drop_last" not in ftask.summarize(arrays, "test", drop_last_batch=8)
+
+
 def test_table_reuses_a_finished_group_without_training(tmp_path):
   """`python -m structattn.forecast.table` on a runs dir whose group already completed reads
   the seeds' result.json files instead of training again (so a cut-off table resumes)."""

@@ -389,12 +389,15 @@ def device_batch_fn(windows: Windows, batch_size: int):
   return batch_fn
 
 
-def repeat_last_baseline(windows: Windows, batch_size: int = 1024) -> dict[str, float]:
-  """MSE and MAE of forecasting every horizon step by the last look-back value."""
+def repeat_last_baseline(windows: Windows, batch_size: int = 1024,
+                         limit: int | None = None) -> dict[str, float]:
+  """MSE and MAE of forecasting every horizon step by the last look-back value (over the
+  first `limit` windows when given)."""
   se = ae = 0.0
   count = 0
-  for start in range(0, len(windows), batch_size):
-    x, y = windows.batch(np.arange(start, min(start + batch_size, len(windows))))
+  n = len(windows) if limit is None else min(limit, len(windows))
+  for start in range(0, n, batch_size):
+    x, y = windows.batch(np.arange(start, min(start + batch_size, n)))
     err = y.astype(np.float64) - x[:, -1:].astype(np.float64)
     se += float(np.square(err).sum())
     ae += float(np.abs(err).sum())

@@ -88,13 +88,16 @@ def run_group(job):
          "steps": int(configs[0].train.steps), "batch_size": int(configs[0].train.batch_size),
          "device": results[0].get("device") or rundir.device_description(),
          "versions": results[0].get("versions") or rundir.versions()}
-  for key in ("test/mse", "test/mae", "final/val_mse", "final/val_mae"):
+  for key in ("test/mse", "test/mae", "final/val_mse", "final/val_mae", "test/mse_drop_last"):
+    if any(key not in r for r in results):  # runs from before the key existed
+      continue
     vals = [float(r[key]) for r in results]
     out[key] = vals
     out[key + "_mean"] = float(np.mean(vals))
     out[key + "_std"] = float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0
   r0 = results[0]
   for key in ("baseline/test_mse_repeat_last", "baseline/test_mae_repeat_last",
+              "baseline/test_mse_repeat_last_drop_last",
               "params/total", "compute/paper_macs_per_window", "model/num_patches",
               "data/windows", "data/source"):
     out[key] = r0.get(key)
