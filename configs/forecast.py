@@ -16,7 +16,8 @@ Presets (`get_config(arg)`):
                           60): look-back 104, patches 24 / stride 2 (42 patches), D=16, 4 heads,
                           d_ff 128, dropout 0.3, lr 2.5e-3, batch 16.
                           `train.steps` = EPOCHS[dataset] epochs of the train windows with a
-                          cosine decay (the paper: up to 100 epochs, lr x0.9 per epoch after 3,
+                          cosine decay (the paper: up to 100 epochs, lr x0.9 per epoch
+                          after 3, which `train.schedule=step_decay` reproduces, and the
                           best-validation checkpoint; ours validates every epoch and
                           scores the test split with the best-validation parameters,
                           `eval.select_best`, result keys select/*).
@@ -86,7 +87,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.train = ml_collections.ConfigDict(dict(
       steps=1000, batch_size=128, grad_accum=1, lr=1e-4, warmup_steps=0, schedule="cosine",
       min_lr_ratio=0.0, clip_norm=0.0, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0,
-      parametrization="standard", base_width=768, compute_budget=0.0, steps_per_call=200))
+      parametrization="standard", base_width=768, compute_budget=0.0, steps_per_call=200,
+      decay_start=0, decay_every=0, decay_rate=0.9))  # step_decay's (set per epoch below)
   # select_best: score the test split with the parameters of the best validation MSE (the
   # PatchTST protocol's early stopping) instead of the last ones.
   c.eval = ml_collections.ConfigDict(dict(every=200, batch_size=512, select_best=True))
@@ -107,6 +109,8 @@ def _set_steps(c, epochs: int) -> None:
   c.train.steps = epochs * per_epoch
   c.eval.every = per_epoch  # validation every epoch, as PatchTST (best-validation selection)
   c.train.steps_per_call = per_epoch  # device batches: up to an epoch per compiled call
+  # train.schedule='step_decay': PatchTST's 'type3' (lr for epochs 1-4, then x0.9 per epoch)
+  c.train.update(decay_start=3 * per_epoch, decay_every=per_epoch)
   c.checkpoint_every = c.train.steps // 2 or 1
   # log and validate once per epoch
   c.log_every = per_epoch

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-SCHEDULES = ("constant", "cosine", "linear")
+SCHEDULES = ("constant", "cosine", "linear", "step_decay")
 PARAMETRIZATIONS = ("mup", "standard")
 
 
@@ -37,7 +37,9 @@ def lr_multipliers(params: nnx.State, parametrization: str, base_width: int) -> 
 
 def unit_schedule(tc) -> optax.Schedule:
   """The schedule's shape with peak 1: linear warmup then constant, cosine (to
-  `min_lr_ratio`) or linear decay.  The learning rate is lr * unit_schedule(step)."""
+  `min_lr_ratio`), linear decay, or step_decay: constant until `train.decay_start`, then
+  multiplied by `train.decay_rate` every `train.decay_every` steps (PatchTST's 'type3': lr
+  for 3 epochs... x0.9 per epoch).  The learning rate is lr * unit_schedule(step)."""
   kind = tc.get("schedule", "constant")
   if kind not in SCHEDULES:
     raise ValueError(f"train.schedule={kind!r} is invalid: allowed values are {SCHEDULES}")
@@ -49,8 +51,15 @@ def unit_schedule(tc) -> optax.Schedule:
     after = optax.constant_schedule(1.0)
   elif kind == "cosine":
     after = optax.cosine_decay_schedule(1.0, decay_steps, alpha=end)
-  else:
+  elif kind == "linear":
     after = optax.linear_schedule(1.0, end, decay_steps)
+  else:
+    every, rate = int(tc.get("decay_every", 0)), float(tc.get("decay_rate", 0.0))
+    if every <= 0 or not 0.0 < rate <= 1.0:
+      raise ValueError(f"train.schedule='step_decay' needs train.decay_every > 0 (got {every}) "
+                       f"and train.decay_rate in (0, 1] (got {rate})")
+    after = optax.exponential_decay(1.0, every, rate, max(0, int(tc.get("decay_start", 0)) - warm),
+                                    staircase=True)
   return optax.join_schedules([warmup, after], [warm]) if warm else after
 
 

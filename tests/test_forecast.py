@@ -444,6 +444,22 @@ def test_drop_last_metrics_score_only_whole_batches():
   assert "test/mse_drop_last" not in ftask.summarize(arrays, "test", drop_last_batch=8)
 
 
+def test_step_decay_is_patchtsts_type3_schedule():
+  """train.schedule='step_decay' on a dataset preset: lr for epochs 1-4, then x0.9 per
+  epoch (PatchTST's lradj 'type3'); a missing decay_every is a clear error."""
+  from structattn import optim
+  c = fc_configs.get_config("etth1-96-mha")
+  c.train.schedule = "step_decay"
+  e = c.eval.every  # steps per epoch
+  lr = optim.schedule(c.train)
+  for epoch, want in ((1, 1.0), (4, 1.0), (5, 0.9), (6, 0.81), (30, 0.9 ** 26)):
+    for step in ((epoch - 1) * e, epoch * e - 1):
+      assert float(lr(step)) == pytest.approx(1e-4 * want, rel=1e-5), (epoch, step)
+  c.train.decay_every = 0
+  with pytest.raises(ValueError, match="decay_every"):
+    optim.schedule(c.train)
+
+
 def test_table_reuses_a_finished_group_without_training(tmp_path):
   """`python -m structattn.forecast.table` on a runs dir whose group already completed reads
   the seeds' result.json files instead of training again (so a cut-off table resumes)."""
