@@ -201,38 +201,27 @@ def _lower_cuda(f, *args):
 
 
 @needs_interpret
+@pytest.mark.parametrize("chunk", [64, 32])
 @pytest.mark.parametrize("widths,sizes,kw", LOWER_CASES)
-def test_lowers_to_mosaic_gpu_for_cuda(widths, sizes, kw):
-  """The forward lowers through Pallas Mosaic GPU for CUDA without a GPU (paper configs)."""
+def test_lowers_to_mosaic_gpu_for_cuda(widths, sizes, kw, chunk):
+  """The forward lowers through Pallas Mosaic GPU for CUDA without a GPU (paper configs;
+  chunk=32: 64-byte swizzled q/k chunks, wgmma K = 32)."""
   pat = P(("global",) + ("block",) * (len(widths) - 1), sizes, widths, divide="block")
   q = jax.ShapeDtypeStruct((1, 1024, 2, sum(widths)), jnp.bfloat16)
-  f = lambda q, k, v: mosaic_mlr.mlr_attention_mosaic(q, k, v, pat, **kw)
+  f = lambda q, k, v: mosaic_mlr.mlr_attention_mosaic(q, k, v, pat, chunk=chunk, **kw)
   assert "mosaic_gpu" in _lower_cuda(f, q, q, q)
 
 
 @needs_interpret
+@pytest.mark.parametrize("chunk", [64, 32])
 @pytest.mark.parametrize("widths,sizes,kw", LOWER_CASES)
-def test_backward_lowers_to_mosaic_gpu_for_cuda(widths, sizes, kw):
+def test_backward_lowers_to_mosaic_gpu_for_cuda(widths, sizes, kw, chunk):
   """The Mosaic backward (dq and dk/dv kernels: three Mosaic GPU calls with the forward)
   lowers for CUDA without a GPU."""
   pat = P(("global",) + ("block",) * (len(widths) - 1), sizes, widths, divide="block")
   q = jax.ShapeDtypeStruct((1, 1024, 2, sum(widths)), jnp.bfloat16)
   loss = lambda q, k, v: jnp.sum(
-      mosaic_mlr.mlr_attention_mosaic(q, k, v, pat, **kw).astype(jnp.float32))
-  txt = _lower_cuda(jax.grad(loss, argnums=(0, 1, 2)), q, q, q)
-  assert txt.count("mosaic_gpu") >= 3 and "triton" not in txt.lower()
-
-
-@needs_interpret
-@pytest.mark.parametrize("widths,sizes,kw", LOWER_CASES)
-def test_chunk32_lowers_to_mosaic_gpu_for_cuda(widths, sizes, kw):
-  """chunk=32 (64-byte swizzled q/k chunks, wgmma K = 32): forward and the Mosaic backward
-  lower for CUDA without a GPU."""
-  pat = P(("global",) + ("block",) * (len(widths) - 1), sizes, widths, divide="block")
-  q = jax.ShapeDtypeStruct((1, 1024, 2, sum(widths)), jnp.bfloat16)
-  f = lambda q, k, v: mosaic_mlr.mlr_attention_mosaic(q, k, v, pat, chunk=32, **kw)
-  assert "mosaic_gpu" in _lower_cuda(f, q, q, q)
-  loss = lambda q, k, v: jnp.sum(f(q, k, v).astype(jnp.float32))
+      mosaic_mlr.mlr_attention_mosaic(q, k, v, pat, chunk=chunk, **kw).astype(jnp.float32))
   txt = _lower_cuda(jax.grad(loss, argnums=(0, 1, 2)), q, q, q)
   assert txt.count("mosaic_gpu") >= 3 and "triton" not in txt.lower()
 

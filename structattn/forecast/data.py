@@ -389,17 +389,25 @@ def device_batch_fn(windows: Windows, batch_size: int):
   return batch_fn
 
 
+def drop_last_count(n: int, batch: int) -> int:
+  """Windows a test loader with drop_last at `batch` scores (0 when batch <= 0)."""
+  return n // batch * batch if batch > 0 else 0
+
+
 def repeat_last_baseline(windows: Windows, batch_size: int = 1024,
-                         limit: int | None = None) -> dict[str, float]:
-  """MSE and MAE of forecasting every horizon step by the last look-back value (over the
-  first `limit` windows when given)."""
-  se = ae = 0.0
-  count = 0
-  n = len(windows) if limit is None else min(limit, len(windows))
-  for start in range(0, n, batch_size):
-    x, y = windows.batch(np.arange(start, min(start + batch_size, n)))
+                         drop_last_batch: int = 0) -> dict[str, float]:
+  """MSE and MAE of forecasting every horizon step by the last look-back value; with
+  drop_last_batch=B > 0 also over the first floor(N / B) * B windows only (`*_drop_last`,
+  the reference code's test protocol)."""
+  se, ae = [], []
+  for start in range(0, len(windows), batch_size):
+    x, y = windows.batch(np.arange(start, min(start + batch_size, len(windows))))
     err = y.astype(np.float64) - x[:, -1:].astype(np.float64)
-    se += float(np.square(err).sum())
-    ae += float(np.abs(err).sum())
-    count += err.size
-  return {"mse": se / count, "mae": ae / count}
+    se.append(np.square(err).mean(axis=(1, 2)))
+    ae.append(np.abs(err).mean(axis=(1, 2)))
+  se, ae = np.concatenate(se), np.concatenate(ae)  # per window (equal sizes)
+  out = {"mse": float(se.mean()), "mae": float(ae.mean())}
+  kept = drop_last_count(len(se), drop_last_batch)
+  if kept:
+    out.update(mse_drop_last=float(se[:kept].mean()), mae_drop_last=float(ae[:kept].mean()))
+  return out

@@ -68,7 +68,7 @@ def summarize(arrays, prefix: str = "eval", drop_last_batch: int = 0) -> dict[st
   mae, mae_sem = tasks_lib.mean_and_sem(ae)
   out = {f"{prefix}/mse": mse, f"{prefix}/mse_sem": mse_sem, f"{prefix}/mae": mae,
          f"{prefix}/mae_sem": mae_sem, f"{prefix}/windows": int(valid.sum())}
-  kept = len(se) // drop_last_batch * drop_last_batch if drop_last_batch > 0 else 0
+  kept = fdata.drop_last_count(len(se), drop_last_batch)
   if kept:
     out.update({f"{prefix}/mse_drop_last": float(np.mean(se[:kept])),
                 f"{prefix}/mae_drop_last": float(np.mean(ae[:kept])),
@@ -116,8 +116,7 @@ def build(config: ml_collections.ConfigDict) -> tasks_lib.TaskSetup:
   c = len(splits.columns)
   macs = model.macs_per_series()
   counts = model.param_counts()
-  naive = fdata.repeat_last_baseline(windows["test"])
-  naive_dl = fdata.repeat_last_baseline(windows["test"], limit=len(windows["test"]) // bs * bs)
+  naive = fdata.repeat_last_baseline(windows["test"], drop_last_batch=bs)
   return tasks_lib.TaskSetup(
       model=model, loss=make_loss(float(config.model.get("dropout", 0.0))),
       eval_metrics=eval_metrics, summarize=functools.partial(summarize, drop_last_batch=bs),
@@ -137,6 +136,6 @@ def build(config: ml_collections.ConfigDict) -> tasks_lib.TaskSetup:
             "model/num_patches": model.n,
             "baseline/test_mse_repeat_last": naive["mse"],
             "baseline/test_mae_repeat_last": naive["mae"],
-            "baseline/test_mse_repeat_last_drop_last": naive_dl["mse"],
+            "baseline/test_mse_repeat_last_drop_last": naive.get("mse_drop_last"),
             "compute/paper_macs_per_window": c * macs["paper"],
             "compute/train_flops_per_window": 6 * c * macs["true_fwd"]})
