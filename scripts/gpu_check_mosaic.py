@@ -1,7 +1,7 @@
 """One-shot H100 check of the Mosaic GPU MLR kernel (structattn.attention.mosaic_mlr).
 
   python3 scripts/gpu_check_mosaic.py --out $OUT/mosaic.json [--deadline-s 190] [--iters 5]
-      [--probes] [--pallas] [--extras] [--chunk32] [--seq-lens 4096,8192,16384]
+      [--probes] [--pallas] [--extras] [--chunk64] [--seq-lens 4096,8192,16384]
       [--accuracy mlr8_d64,mlr4_d128,mlr3_d64_noncausal]
 
 1. accuracy: bf16 Mosaic forward with each backward option (backward='mosaic': the Mosaic
@@ -55,9 +55,9 @@ CASES = {  # name: (config, heads, d_head, impl, kwargs)
     "mlr4_mosaic_d128": (bench._mlr(128, MLR4), 6, 128, "mosaic", {}),
     "mlr4_mosaic_tbwd_d128": (bench._mlr(128, MLR4), 6, 128, "mosaic", {"backward": "triton"}),
     "mlr4_pallas_d128": (bench._mlr(128, MLR4), 6, 128, "pallas", {}),
-    # --chunk32: 32-column q/k chunks (64-byte swizzle)
-    "mlr8_mosaic_c32_d64": (bench._mlr(64, MLR8), 12, 64, "mosaic", {"chunk": 32}),
-    "mlr4_mosaic_c32_d128": (bench._mlr(128, MLR4), 6, 128, "mosaic", {"chunk": 32}),
+    # --chunk64: 64-column q/k chunks (128-byte swizzle; the default is 32)
+    "mlr8_mosaic_c64_d64": (bench._mlr(64, MLR8), 12, 64, "mosaic", {"chunk": 64}),
+    "mlr4_mosaic_c64_d128": (bench._mlr(128, MLR4), 6, 128, "mosaic", {"chunk": 64}),
     # extras: tile/option variants and the kernel on plain dense attention
     "mlr8_mosaic_bk128_d64": (bench._mlr(64, MLR8), 12, 64, "mosaic", {"block_k": 128}),
     "mlr4_mosaic_bk128_d128": (bench._mlr(128, MLR4), 6, 128, "mosaic", {"block_k": 128}),
@@ -128,8 +128,8 @@ def accuracy(name, cfg, d, t, causal=True, heads=2, backwards=("mosaic", "triton
     return rows
   rows[0]["ref_wall_s"] = round(time.perf_counter() - t0, 2)
   for row in rows:
-    if row["backward"] == "mosaic_c32":
-      row.update(backward="mosaic", kwargs={"chunk": 32})
+    if row["backward"] == "mosaic_c64":
+      row.update(backward="mosaic", kwargs={"chunk": 64})
     if row["backward"] == "mosaic_fresh":
       if all(r.get("ok") for r in rows if r["backward"] == "mosaic"):
         row.update(skipped="mosaic backward ok")
@@ -190,8 +190,8 @@ def main():
   p.add_argument("--seq-lens", type=bench.ints, default=[4096, 8192, 16384])
   p.add_argument("--probes", action="store_true", help="forward option probes first")
   p.add_argument("--pallas", action="store_true", help="also time the Pallas-Triton kernel")
-  p.add_argument("--chunk32", action="store_true",
-                 help="also check and time the kernels with 32-column q/k chunks (chunk=32)")
+  p.add_argument("--chunk64", action="store_true",
+                 help="also check and time the kernels with 64-column q/k chunks (chunk=64)")
   p.add_argument("--accuracy", default="mlr8_d64,mlr4_d128,mlr3_d64_noncausal",
                  help="accuracy cases to run (comma list; '' for none)")
   p.add_argument("--extras", action="store_true", help="option variants at T=4096")
@@ -223,9 +223,9 @@ def main():
                ("mlr8_mosaic_tbwd_d64", ("fwdbwd",)),
                ("mlr4_mosaic_d128", ("fwd", "fwdbwd")), ("dense_cudnn_d128", ("fwd", "fwdbwd")),
                ("mlr4_mosaic_tbwd_d128", ("fwdbwd",))]
-  if args.chunk32:
-    main_rows += [("mlr8_mosaic_c32_d64", ("fwd", "fwdbwd")),
-                  ("mlr4_mosaic_c32_d128", ("fwd", "fwdbwd"))]
+  if args.chunk64:
+    main_rows += [("mlr8_mosaic_c64_d64", ("fwd", "fwdbwd")),
+                  ("mlr4_mosaic_c64_d128", ("fwd", "fwdbwd"))]
   if args.pallas:
     main_rows += [("mlr8_pallas_d64", ("fwd", "fwdbwd")), ("mlr4_pallas_d128", ("fwd", "fwdbwd"))]
   steps += [("time", n, (t, tags)) for t in args.seq_lens for n, tags in main_rows]
@@ -248,7 +248,7 @@ def main():
     elif kind == "acc":
       cfg, d, t, causal = a
       rs = accuracy(name, dict(cfg), d, t, causal, backwards=(
-          "mosaic", "triton", "mosaic_fresh") + (("mosaic_c32",) if args.chunk32 else ()))
+          "mosaic", "triton", "mosaic_fresh") + (("mosaic_c64",) if args.chunk64 else ()))
       res["accuracy"] += rs
     else:
       rs = [timing(name, a[0], args, a[1])]

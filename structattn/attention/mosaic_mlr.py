@@ -33,9 +33,11 @@ product per level segment; segment [P_{l-1}, P_l) of the gradient gets only the 
 whose deepest shared level is >= l, each with its own divisor (the maths of the Triton
 backward).  backward='triton': the Pallas-Triton dq and dk/dv kernels of `pallas_mlr`.
 
-Layout: q and k are passed to the kernel as (B, H, C, T, chunk) (C = padded width / chunk)
-so that a tile's chunks are separate TMA/wgmma operands; v stays (B, T, H, Wv).  `chunk`
-is 64 (default: 128-byte swizzled bf16 rows) or 32 (64-byte swizzle, wgmma K = 32): with 32,
+Layout: q and k stay (B, T, H, W) in memory and reach the kernels as the free view
+(B, T, H, C, chunk) (C = padded width / chunk): each tile's chunk is its own TMA box and
+wgmma operand (C copies on one barrier of C arrivals), so no transpose runs around the
+kernels; v stays (B, T, H, Wv).  `chunk`
+is 32 (default: 64-byte swizzle, wgmma K = 32) or 64 (128-byte swizzled bf16 rows): with 32,
 a prefix such as P_0 = 32 of the d64 8-level paper config contracts 32 columns instead of
 64.  Only the q/k (dq/dk) chunk buffers change; v, dO and P keep their layouts (the SMEM
 staging of dS, used only with register A operands off, takes the chunk swizzle: a wgmma's
@@ -65,7 +67,8 @@ except ImportError:  # pragma: no cover
 
 LOG2E = pm.LOG2E
 NEG = pm.NEG
-CHUNK = 64  # default feature chunk: wgmma K granularity (one 128-byte swizzle row of bf16)
+CHUNK = 32  # default feature chunk: wgmma K granularity (a 64-byte swizzle row of bf16); 32
+# beat 64 by 4-12% fwd+bwd on H100 at equal accuracy (docs/performance.md)
 CHUNKS = (32, 64)  # allowed feature chunk widths (`chunk` option)
 BQ = 64  # query rows per compute warpgroup (one wgmma M tile)
 WGS = 2  # compute warpgroups per CTA
@@ -92,6 +95,21 @@ def _chunks(p: int, chunk: int = CHUNK) -> int:
   return -(-p // chunk)
 
 
+def _load_chunks(src, bi, rows, hi, dst, bar, nc: int):
+  """TMA the nc (rows, chunk) chunks of head hi from src (B, T, H, C, chunk), the free view of
+  the (B, T, H, W) array, into dst[c]; bar takes one arrival per chunk (num_arrivals=nc)."""
+  for c in range(nc):
+    plgpu.copy_gmem_to_smem(src.at[bi, rows, hi, c], dst.at[c], bar)
+
+
+def _store_chunks(src, dst, bi, rows, hi, nc: int):
+  """Write SMEM chunks src[c] (rows, chunk) to dst (B, T, H, C, chunk) and wait for them."""
+  for c in range(nc):
+    plgpu.copy_smem_to_gmem(src.at[c], dst.at[bi, rows, hi, c], commit_group=False)
+  plgpu.commit_smem_to_gmem_group()
+  plgpu.wait_smem_to_gmem(0)
+
+
 def _chunk_transforms(chunk: int, dtype):
   """SMEM transforms of a (rows, chunk) q/k chunk: one swizzle row per chunk row."""
   return (plgpu.TilingTransform((8, chunk)),
@@ -107,10 +125,10 @@ def _segments(lv: pm.Levels, g: int):
 
 
 def _forward(qc, kc, v, cfg: MosaicConfig, interpret):
-  """qc, kc: (B, H, C, T, chunk); v: (B, T, H, Wv).  Returns o (B, T, H, Wv), lse (B, H, T)
+  """qc, kc: (B, T, H, C, chunk); v: (B, T, H, Wv).  Returns o (B, T, H, Wv), lse (B, H, T)
   in base 2."""
   lv, bk, ch = cfg.levels, cfg.block_k, cfg.chunk
-  b, h, nc, t, _ = qc.shape
+  b, t, h, nc, _ = qc.shape
   assert qc.shape[-1] == ch, (qc.shape, ch)
   wv = v.shape[-1]
   dtype = qc.dtype
@@ -146,7 +164,7 @@ def _forward(qc, kc, v, cfg: MosaicConfig, interpret):
       plgpu.set_max_registers(232, action="increase")
       q_smem = q_smem2.at[wg]
       q0 = cta * cta_rows + wg * BQ
-      plgpu.copy_gmem_to_smem(q_ref.at[bi, hi_, :, pl.ds(q0, BQ), :], q_smem, q_bars.at[wg])
+      _load_chunks(q_ref, bi, pl.ds(q0, BQ), hi_, q_smem, q_bars.at[wg], nc)
       plgpu.barrier_wait(q_bars.at[wg])
 
       def a_operand(x, name):
@@ -291,7 +309,7 @@ def _forward(qc, kc, v, cfg: MosaicConfig, interpret):
 
       def load(step, slot):
         rows = pl.ds(step * bk, bk)
-        plgpu.copy_gmem_to_smem(k_ref.at[bi, hi_, :, rows, :], k_smem.at[slot], k_bars.at[slot])
+        _load_chunks(k_ref, bi, rows, hi_, k_smem.at[slot], k_bars.at[slot], nc)
         plgpu.copy_gmem_to_smem(v_ref.at[bi, rows, hi_], v_smem.at[slot], v_bars.at[slot])
 
       _produce(load, (k_cons, v_cons), 0, cta_steps, slots, drain=False)
@@ -308,8 +326,8 @@ def _forward(qc, kc, v, cfg: MosaicConfig, interpret):
     pl.run_scoped(
         lambda *args: kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, args),
         bufs,
-        (plgpu.Barrier(num_barriers=slots), plgpu.Barrier(num_barriers=slots),
-         plgpu.Barrier(num_barriers=WGS)),
+        (plgpu.Barrier(num_arrivals=nc, num_barriers=slots), plgpu.Barrier(num_barriers=slots),
+         plgpu.Barrier(num_arrivals=nc, num_barriers=WGS)),
         (plgpu.Barrier(num_arrivals=WGS, num_barriers=slots),) * 2,
         plgpu.Barrier(num_arrivals=WGS),
         collective_axes="wg",
@@ -514,9 +532,9 @@ def _far_tmp(lv: pm.Levels, level, rows: int, layout, chunk: int = CHUNK):
 
 
 def _bwd_dq(qc, kc, v, do, lse, delta, cfg: MosaicConfig, interpret):
-  """dq (B, H, C, T, chunk): program = 2 x 64 query rows, key/value tiles streamed."""
+  """dq (B, T, H, C, chunk): program = 2 x 64 query rows, key/value tiles streamed."""
   lv, bk, ch = cfg.levels, 64, cfg.chunk
-  b, h, nc, t, _ = qc.shape
+  b, t, h, nc, _ = qc.shape
   assert qc.shape[-1] == ch, (qc.shape, ch)
   wv = v.shape[-1]
   dtype = qc.dtype
@@ -547,7 +565,7 @@ def _bwd_dq(qc, kc, v, do, lse, delta, cfg: MosaicConfig, interpret):
       q_smem, do_smem = q_smem2.at[wg], do_smem2.at[wg]
       q0 = cta * cta_rows + wg * BQ
       rows = pl.ds(q0, BQ)
-      plgpu.copy_gmem_to_smem(q_ref.at[bi, hi_, :, rows, :], q_smem, q_bars.at[wg])
+      _load_chunks(q_ref, bi, rows, hi_, q_smem, q_bars.at[wg], nc)
       plgpu.copy_gmem_to_smem(do_ref.at[bi, rows, hi_], do_smem, do_bars.at[wg])
       plgpu.copy_gmem_to_smem(lse_ref.at[bi, hi_, rows], lse_smem2.at[wg], lse_bars.at[wg])
       plgpu.copy_gmem_to_smem(delta_ref.at[bi, hi_, rows], delta_smem2.at[wg],
@@ -586,8 +604,7 @@ def _bwd_dq(qc, kc, v, do, lse, delta, cfg: MosaicConfig, interpret):
       for c in range(nc):
         q_smem.at[c][...] = accs[c].astype(dtype)
       plgpu.commit_smem()
-      plgpu.copy_smem_to_gmem(q_smem, dq_ref.at[bi, hi_, :, rows, :])
-      plgpu.wait_smem_to_gmem(0)
+      _store_chunks(q_smem, dq_ref, bi, rows, hi_, nc)
 
     @pl.when(wg == WGS)
     def _memory():
@@ -595,7 +612,7 @@ def _bwd_dq(qc, kc, v, do, lse, delta, cfg: MosaicConfig, interpret):
 
       def load(step, slot):
         r = pl.ds(step * bk, bk)
-        plgpu.copy_gmem_to_smem(k_ref.at[bi, hi_, :, r, :], k_smem.at[slot], k_bars.at[slot])
+        _load_chunks(k_ref, bi, r, hi_, k_smem.at[slot], k_bars.at[slot], nc)
         plgpu.copy_gmem_to_smem(v_ref.at[bi, r, hi_], v_smem.at[slot], v_bars.at[slot])
 
       _produce(load, (k_cons, v_cons), 0, cta_steps, slots)
@@ -611,8 +628,9 @@ def _bwd_dq(qc, kc, v, do, lse, delta, cfg: MosaicConfig, interpret):
                                   "ds": plgpu.SMEM((WGS, BQ, bk), dtype, transforms=tc)})
     pl.run_scoped(
         lambda *args: kernel(*refs, args), bufs,
-        (plgpu.Barrier(num_barriers=slots),) * 2,
-        (plgpu.Barrier(num_barriers=WGS),) * 4,
+        (plgpu.Barrier(num_arrivals=nc, num_barriers=slots), plgpu.Barrier(num_barriers=slots)),
+        (plgpu.Barrier(num_arrivals=nc, num_barriers=WGS),)
+        + (plgpu.Barrier(num_barriers=WGS),) * 3,
         (plgpu.Barrier(num_arrivals=WGS, num_barriers=slots),) * 2,
         collective_axes="wg")
 
@@ -652,10 +670,10 @@ def _walk(plan: pm._Plan, r0, rows_are_queries: bool, s0, s1, tile: int, body, s
 
 
 def _bwd_dkdv(qc, kc, v, do, lse, delta, cfg: MosaicConfig, interpret):
-  """dk (B, H, C, T, chunk), dv (B, T, H, Wv): program = 2 x 64 key rows, query tiles (q,
+  """dk (B, T, H, C, chunk), dv (B, T, H, Wv): program = 2 x 64 key rows, query tiles (q,
   dO, lse, delta) streamed."""
   lv, bq, ch = cfg.levels, 64, cfg.chunk
-  b, h, nc, t, _ = qc.shape
+  b, t, h, nc, _ = qc.shape
   assert qc.shape[-1] == ch, (qc.shape, ch)
   wv = v.shape[-1]
   dtype = qc.dtype
@@ -684,7 +702,7 @@ def _bwd_dkdv(qc, kc, v, do, lse, delta, cfg: MosaicConfig, interpret):
       k_smem, v_smem = k_smem2.at[wg], v_smem2.at[wg]
       k0 = cta * cta_rows + wg * BQ
       rows = pl.ds(k0, BQ)
-      plgpu.copy_gmem_to_smem(k_ref.at[bi, hi_, :, rows, :], k_smem, k_bars.at[wg])
+      _load_chunks(k_ref, bi, rows, hi_, k_smem, k_bars.at[wg], nc)
       plgpu.copy_gmem_to_smem(v_ref.at[bi, rows, hi_], v_smem, v_bars.at[wg])
       plgpu.barrier_wait(k_bars.at[wg])
       plgpu.barrier_wait(v_bars.at[wg])
@@ -727,7 +745,8 @@ def _bwd_dkdv(qc, kc, v, do, lse, delta, cfg: MosaicConfig, interpret):
         k_smem.at[c][...] = accs[c].astype(dtype)
       v_smem[...] = dv.astype(dtype)
       plgpu.commit_smem()
-      plgpu.copy_smem_to_gmem(k_smem, dk_ref.at[bi, hi_, :, rows, :], commit_group=False)
+      for c in range(nc):
+        plgpu.copy_smem_to_gmem(k_smem.at[c], dk_ref.at[bi, rows, hi_, c], commit_group=False)
       plgpu.copy_smem_to_gmem(v_smem, dv_ref.at[bi, rows, hi_], commit_group=False)
       plgpu.commit_smem_to_gmem_group()
       plgpu.wait_smem_to_gmem(0)
@@ -738,7 +757,7 @@ def _bwd_dkdv(qc, kc, v, do, lse, delta, cfg: MosaicConfig, interpret):
 
       def load(step, slot):
         r = pl.ds(step * bq, bq)
-        plgpu.copy_gmem_to_smem(q_ref.at[bi, hi_, :, r, :], q_smem.at[slot], q_bars.at[slot])
+        _load_chunks(q_ref, bi, r, hi_, q_smem.at[slot], q_bars.at[slot], nc)
         plgpu.copy_gmem_to_smem(do_ref.at[bi, r, hi_], do_smem.at[slot], do_bars.at[slot])
         plgpu.copy_gmem_to_smem(lse_ref.at[bi, hi_, r], lse_smem.at[slot], lse_bars.at[slot])
         plgpu.copy_gmem_to_smem(delta_ref.at[bi, hi_, r], delta_smem.at[slot],
@@ -758,8 +777,9 @@ def _bwd_dkdv(qc, kc, v, do, lse, delta, cfg: MosaicConfig, interpret):
                                   "ds": plgpu.SMEM((WGS, BQ, bq), dtype, transforms=tc)})
     pl.run_scoped(
         lambda *args: kernel(*refs, args), bufs,
-        (plgpu.Barrier(num_barriers=WGS),) * 2,
-        (plgpu.Barrier(num_barriers=slots),) * 4,
+        (plgpu.Barrier(num_arrivals=nc, num_barriers=WGS), plgpu.Barrier(num_barriers=WGS)),
+        (plgpu.Barrier(num_arrivals=nc, num_barriers=slots),)
+        + (plgpu.Barrier(num_barriers=slots),) * 3,
         plgpu.Barrier(num_arrivals=WGS, num_barriers=slots),
         collective_axes="wg")
 
@@ -785,10 +805,11 @@ class _Config:
 
 
 def _to_chunks(x, chunk: int = CHUNK):
-  """(B, T, H, W) -> (B, H, W / chunk, T, chunk)."""
+  """(B, T, H, W) -> (B, T, H, W / chunk, chunk): a free view (no data movement); the
+  kernels TMA one (rows, chunk) box per chunk."""
   b, t, h, w = x.shape
   assert w % chunk == 0, (w, chunk)
-  return x.reshape(b, t, h, w // chunk, chunk).transpose(0, 2, 3, 1, 4)
+  return x.reshape(b, t, h, w // chunk, chunk)
 
 
 def _interp(cfg: _Config):
@@ -808,10 +829,10 @@ def _mlr_fwd(q, k, v, cfg: _Config):
 
 
 def _from_chunks(x, chunk: int = CHUNK):
-  """(B, H, C, T, chunk) -> (B, T, H, C * chunk)."""
-  b, h, c, t, w = x.shape
+  """(B, T, H, C, chunk) -> (B, T, H, C * chunk)."""
+  b, t, h, c, w = x.shape
   assert w == chunk, (x.shape, chunk)
-  return x.transpose(0, 3, 1, 2, 4).reshape(b, t, h, c * w)
+  return x.reshape(b, t, h, c * w)
 
 
 def _backward(cfg: _Config, res, do):
@@ -850,9 +871,9 @@ def mlr_attention_mosaic(q_BTHK, k_BTHK, v_BTHV, pattern: Pattern, *, interpret:
   block_q: must be None or 64 (rows per compute warpgroup); block_k: key tile rows
   (64 or 128, default 64).  backward: 'mosaic' (Mosaic GPU dq and dk/dv kernels) or
   'triton' (the Pallas-Triton backward of pallas_mlr, with `tiles`: pallas_mlr.Tiles).
-  chunk: feature-chunk width of q/k, the wgmma K granularity of q.k (64, default; or 32:
-  64-byte swizzled chunks, so a far level with P_l <= 32 contracts 32 columns, e.g. the
-  coarse level of the d64 8-level paper config).  q/k are zero-padded to a power-of-two
+  chunk: feature-chunk width of q/k, the wgmma K granularity of q.k (32, default: 64-byte
+  swizzled chunks, so a far level with P_l <= 32 contracts 32 columns, e.g. the coarse
+  level of the d64 8-level paper config; or 64: 128-byte swizzled chunks).  q/k are zero-padded to a power-of-two
   width >= chunk.  interpret=True runs the kernels in Mosaic GPU interpret mode (the Triton
   backward in the Pallas interpreter) on CPU.  bfloat16/float16 operands (float32 inputs
   are rounded to bfloat16), float32 accumulation; the output has v's dtype.
