@@ -39,6 +39,7 @@ from flax import nnx
 
 from configs import lm as lm_configs
 from structattn import flops as flops_lib
+from structattn import profiling
 from structattn import sharding
 from structattn.models.gpt import GPT, GPTConfig, param_counts
 from structattn.optim import make_optimizer
@@ -105,7 +106,7 @@ class Runner:
     self.state, self.batch = (params, opt_state), batch
     self.tokens = self.batch_size * args.seq_len
     self.fl = flops_lib.model_flops(cfg.specs, cfg.d_model, cfg.d_mlp, args.vocab)
-    self.times, self.metrics = [], None
+    self.times, self.metrics, self.profile = [], None, None
 
   def compile(self):
     t0 = time.time()
@@ -127,6 +128,15 @@ class Runner:
     self.state, self.metrics = (params, opt_state), m
     return self
 
+  def trace(self, n, log_dir):
+    """Profile n untimed steps; keep the per-op device time (ms per step, top 40 ops)."""
+    self.run(1, timed=False)
+    with jax.profiler.trace(log_dir, create_perfetto_trace=True):
+      self.run(n, timed=False)
+    process = "/host:CPU" if jax.default_backend() == "cpu" else "/device:GPU:0"
+    self.profile = profiling.op_times(profiling.load_trace(log_dir), n, process, top=40)
+    return self
+
   def result(self):
     dt = statistics.median(self.times)
     tok_s = self.tokens / dt
@@ -137,7 +147,8 @@ class Runner:
                 train_flops_per_token=self.fl["train_flops_per_token"],
                 paper_macs_per_token=self.fl["paper_macs_per_token"], compile_s=self.compile_s,
                 temp_MiB=self.temp_mib, loss=float(self.metrics["train/loss"]),
-                timed_steps=len(self.times), params=self.counts)
+                timed_steps=len(self.times), params=self.counts,
+                **({"profile": self.profile} if self.profile else {}))
 
 
 def measure(runners, args):
@@ -148,6 +159,9 @@ def measure(runners, args):
   for _ in range(rounds):
     for r in runners:
       r.run(max(1, args.iters // rounds))
+  if args.profile:
+    for r in runners:
+      r.trace(3, Path(args.profile) / f"{r.variant}-{'x'.join(map(str, r.mesh or ())) or 'jit'}")
   return [r.result() for r in runners]
 
 
@@ -170,6 +184,8 @@ def main(argv=None):
   p.add_argument("--mesh", default="", help="data,fsdp,tensor: also time the sharded step on "
                  "this mesh (first prod(mesh) devices) against the unsharded one")
   p.add_argument("--out", default="")
+  p.add_argument("--profile", default="", help="directory: also trace 3 steps per variant and "
+                 "record the per-op device time (ms per step) in the JSON")
   args = p.parse_args(argv)
   cpu = jax.default_backend() == "cpu"
   if cpu and args.layers == 12 and args.width == 768:  # keep the CPU smoke run small
@@ -191,7 +207,11 @@ def main(argv=None):
     except Exception as e:  # noqa: BLE001  (record and continue)
       rows.append(dict(variant=v, error=f"{type(e).__name__}: {str(e)[:300]}"))
     for r in rows[-2 if mesh else -1:]:
-      print(json.dumps({k: v for k, v in r.items() if k != "params"}), flush=True)
+      print(json.dumps({k: v for k, v in r.items() if k not in ("params", "profile")}),
+            flush=True)
+      for op in r.get("profile", [])[:15]:
+        print(f"  {op['ms_per_step']:8.3f} ms {op['calls']:6.1f}x  {op['thread'][:24]:24s} "
+              f"{op['name'][:90]}")
   dev = jax.devices()[0]
   print(f"\n{getattr(dev, 'device_kind', dev.platform)}, jax {jax.__version__}, "
         f"{args.layers} layers x {args.width}, T={args.seq_len}, batch {args.batch}")
