@@ -332,3 +332,22 @@ def test_pallas_impl_is_selectable_and_falls_back_off_gpu():
   assert core.pallas_supported(q, pat) == (jax.default_backend() == "gpu")
   pat_w = core.Pattern(seqs=("window",), sizes=(4,), widths=(4,), causal=True)
   assert not core.pallas_supported(q, pat_w)
+
+
+@pytest.mark.parametrize("widths", [(32, 8, 6, 4, 4, 4, 4, 2), (3, 1, 5), (7,)])
+def test_per_level_layer_norm_normalises_each_level_segment(widths):
+  """Each level's segment has zero mean and unit variance (times its weights), checked in
+  numpy float64; widths that do not sum to the feature width are refused."""
+  from structattn.attention.layer import per_level_layer_norm
+  k = sum(widths)
+  kx, kw = jax.random.split(jax.random.key(len(widths)))
+  x = jax.random.normal(kx, (2, 5, 3, k), jnp.float64) * 3 + 1
+  w = 1 + 0.1 * jax.random.normal(kw, (k,), jnp.float64)
+  got = np.asarray(per_level_layer_norm(x, w, widths))
+  xn, wn, edges = np.asarray(x), np.asarray(w), np.cumsum((0,) + widths)
+  for a, b in zip(edges[:-1], edges[1:]):
+    seg = xn[..., a:b]
+    want = (seg - seg.mean(-1, keepdims=True)) / np.sqrt(seg.var(-1, keepdims=True) + 1e-6)
+    np.testing.assert_allclose(got[..., a:b], want * wn[a:b], rtol=1e-10, atol=1e-10)
+  with pytest.raises(ValueError, match="sum to"):
+    per_level_layer_norm(x, w, widths + (1,))
