@@ -133,7 +133,8 @@ class Runner:
     self.run(1, timed=False)
     with jax.profiler.trace(log_dir, create_perfetto_trace=True):
       self.run(n, timed=False)
-    process = "/host:CPU" if jax.default_backend() == "cpu" else "/device:GPU:0"
+    backend = jax.default_backend()
+    process = "/host:CPU" if backend == "cpu" else f"/device:{backend.upper()}:0"
     self.profile = profiling.op_times(profiling.load_trace(log_dir), n, process, top=40)
     return self
 

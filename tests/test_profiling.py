@@ -57,3 +57,23 @@ def test_load_trace_reads_a_real_cpu_trace(tmp_path):
   rows = profiling.op_times(profiling.load_trace(tmp_path), steps=2, process="/host:CPU")
   assert rows and all(r["ms_per_step"] >= 0 for r in rows)
   assert rows == sorted(rows, key=lambda r: -r["ms_per_step"])
+
+
+def test_train_throughput_profile_flag_records_per_op_times(tmp_path):
+  """benchmarks/train_throughput.py --profile: the JSON row carries the traced per-op times."""
+  import importlib.util
+  import json
+  from pathlib import Path
+  path = Path(__file__).resolve().parents[1] / "benchmarks" / "train_throughput.py"
+  spec = importlib.util.spec_from_file_location("train_throughput_bench", path)
+  bench = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(bench)
+  out = tmp_path / "t.json"
+  bench.main(["--variants", "mha", "--layers", "1", "--width", "64", "--seq-len", "32",
+              "--vocab", "64", "--batch", "2", "--warmup", "1", "--iters", "2",
+              "--profile", str(tmp_path / "prof"), "--out", str(out)])
+  row = json.loads(out.read_text())["rows"][0]
+  assert "error" not in row, row
+  ops = row["profile"]
+  assert 1 <= len(ops) <= 41 and all(op["ms_per_step"] >= 0 for op in ops)
+  assert any(op["calls"] > 0 for op in ops)
