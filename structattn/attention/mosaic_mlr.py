@@ -124,6 +124,9 @@ def _segments(lv: pm.Levels, g: int):
   return out
 
 
+# The three kernels are jitted on their static config: the identical attention layers of a
+# model share one lowering of each (a private function and calls), not one per layer.
+@functools.partial(jax.jit, static_argnums=(3, 4))
 def _forward(qc, kc, v, cfg: MosaicConfig, interpret):
   """qc, kc: (B, T, H, C, chunk); v: (B, T, H, Wv).  Returns o (B, T, H, Wv), lse (B, H, T)
   in base 2."""
@@ -531,6 +534,7 @@ def _far_tmp(lv: pm.Levels, level, rows: int, layout, chunk: int = CHUNK):
   return plgpu.layout_cast(jnp.full((rows, chunk), 0, jnp.float32), layout)
 
 
+@functools.partial(jax.jit, static_argnums=(6, 7))
 def _bwd_dq(qc, kc, v, do, lse, delta, cfg: MosaicConfig, interpret):
   """dq (B, T, H, C, chunk): program = 2 x 64 query rows, key/value tiles streamed."""
   lv, bk, ch = cfg.levels, 64, cfg.chunk
@@ -669,6 +673,7 @@ def _walk(plan: pm._Plan, r0, rows_are_queries: bool, s0, s1, tile: int, body, s
   return state
 
 
+@functools.partial(jax.jit, static_argnums=(6, 7))
 def _bwd_dkdv(qc, kc, v, do, lse, delta, cfg: MosaicConfig, interpret):
   """dk (B, T, H, C, chunk), dv (B, T, H, Wv): program = 2 x 64 key rows, query tiles (q,
   dO, lse, delta) streamed."""
