@@ -36,10 +36,9 @@ backward).  backward='triton': the Pallas-Triton dq and dk/dv kernels of `pallas
 Layout: q and k stay (B, T, H, W) in memory and reach the kernels as the free view
 (B, T, H, C, chunk) (C = padded width / chunk): each tile's chunk is its own TMA box and
 wgmma operand (C copies on one barrier of C arrivals), so no transpose runs around the
-kernels; v stays (B, T, H, Wv).  `chunk`
-is 32 (default: 64-byte swizzle, wgmma K = 32) or 64 (128-byte swizzled bf16 rows): with 32,
-a prefix such as P_0 = 32 of the d64 8-level paper config contracts 32 columns instead of
-64.  Only the q/k (dq/dk) chunk buffers change; v, dO and P keep their layouts (the SMEM
+kernels; v stays (B, T, H, Wv).  `chunk` is 32 (default: 64-byte swizzle, wgmma K = 32) or
+64 (128-byte swizzled bf16 rows): with 32, a prefix such as P_0 = 32 of the d64 8-level
+paper config contracts 32 columns instead of 64.  Only the q/k (dq/dk) chunk buffers change; v, dO and P keep their layouts (the SMEM
 staging of dS, used only with register A operands off, takes the chunk swizzle: a wgmma's
 A and B share one swizzle).
 Causal inputs are zero-padded in time to a multiple of the coarsest block and of 128;
@@ -67,8 +66,9 @@ except ImportError:  # pragma: no cover
 
 LOG2E = pm.LOG2E
 NEG = pm.NEG
-CHUNK = 32  # default feature chunk: wgmma K granularity (a 64-byte swizzle row of bf16); 32
-# beat 64 by 4-12% fwd+bwd on H100 at equal accuracy (docs/performance.md)
+# default feature chunk: the wgmma K granularity (a 64-byte swizzle row of bf16); 32 beat 64
+# by 4-12% fwd+bwd on the H100 at equal accuracy (docs/performance.md)
+CHUNK = 32
 CHUNKS = (32, 64)  # allowed feature chunk widths (`chunk` option)
 BQ = 64  # query rows per compute warpgroup (one wgmma M tile)
 WGS = 2  # compute warpgroups per CTA
