@@ -38,8 +38,8 @@ def lr_multipliers(params: nnx.State, parametrization: str, base_width: int) -> 
 def unit_schedule(tc) -> optax.Schedule:
   """The schedule's shape with peak 1: linear warmup then constant, cosine (to
   `min_lr_ratio`), linear decay, or step_decay: constant until `train.decay_start`, then
-  multiplied by `train.decay_rate` every `train.decay_every` steps (PatchTST's 'type3': lr
-  for 3 epochs... x0.9 per epoch).  The learning rate is lr * unit_schedule(step)."""
+  multiplied by `train.decay_rate` every `train.decay_every` steps (PatchTST's 'type3': the
+  lr for the first epochs, then x0.9 per epoch).  The learning rate is lr * unit_schedule(step)."""
   kind = tc.get("schedule", "constant")
   if kind not in SCHEDULES:
     raise ValueError(f"train.schedule={kind!r} is invalid: allowed values are {SCHEDULES}")

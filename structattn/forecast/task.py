@@ -10,11 +10,12 @@ on the host (`'host'`, `data.TrainBatches`; also what configs without the field 
 Held-out metrics per window (MSE and MAE over horizon x channels); `summarize` gives
 `{prefix}/mse`, `{prefix}/mae`, their standard errors over windows (windows overlap, so the
 SEM understates the uncertainty), the window count, and the same MSE / MAE without the last
-partial batch of `train.batch_size` windows (`*_drop_last`, the reference code's protocol). The loop evaluates the val split
-during training (`eval/...`) and the full test split once at the end (`test/mse`, `test/mae`
-in result.json). Compute: per window (all channels), `paper_macs_per_unit` = forward MACs of
-the encoder (paper convention, patch embedding and head excluded), `train_flops_per_unit` =
-6 x exact forward MACs including embedding and head.
+partial batch of `train.batch_size` windows (`*_drop_last`, the reference code's protocol).
+The loop evaluates the val split during training (`eval/...`) and the full test split once
+at the end (`test/mse`, `test/mae` in result.json). Compute: per window (all channels),
+`paper_macs_per_unit` = forward MACs of the encoder (paper convention, patch embedding and
+head excluded), `train_flops_per_unit` = 6 x exact forward MACs including embedding and
+head.
 """
 
 from __future__ import annotations
