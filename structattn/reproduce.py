@@ -249,8 +249,11 @@ FIGURES: dict[str, tuple[str, str, Callable[[Path, Path], dict]]] = {
     "forecast-table": ("forecast.py", "sweep-table", analyze_forecast_table),
 }
 SCALES = ("tiny", "short", "paper")
-# 'short' (the paper's LM architecture on a one-GPU, ten-minute budget) exists for lm-scaling.
-FIGURE_SCALES = {"lm-scaling": SCALES}
+# Staged LM studies (structattn.lm_study): learning-rate grids, then the other widths at the
+# chosen rate, then seeds; they run under --time-limit and keep their runs in --archive.
+STUDY_SCALES = ("english", "mini")
+# 'short' is the paper's LM architecture at a few minutes of one GPU.
+FIGURE_SCALES = {"lm-scaling": SCALES + STUDY_SCALES}
 
 
 def scales_for(figure: str) -> tuple[str, ...]:
@@ -260,8 +263,12 @@ def scales_for(figure: str) -> tuple[str, ...]:
 def reproduce(figure: str, scale: str, workdir: str, parallel: int = 1, vmap: bool = True,
               overrides: Mapping[str, Any] | None = None, analyze_only: bool = False,
               cache_dir: str | None = "~/.cache/structattn/jax",
-              only: Sequence[str] = ()) -> dict[str, Any]:
-  """Run the figure's sweep (unless analyze_only), then its analysis; returns the summary."""
+              only: Sequence[str] = (), time_limit: float | None = None,
+              archive: str | None = None) -> dict[str, Any]:
+  """Run the figure's sweep (unless analyze_only), then its analysis; returns the summary.
+
+  Study scales (`STUDY_SCALES`) run the pending points that fit in `time_limit` seconds and
+  keep finished runs in `archive` (default WORKDIR/runs.tar.gz), see `structattn.study`."""
   if figure not in FIGURES:
     raise ValueError(f"figure={figure!r} is invalid: allowed values are {sorted(FIGURES)}")
   if scale not in scales_for(figure):
@@ -271,6 +278,9 @@ def reproduce(figure: str, scale: str, workdir: str, parallel: int = 1, vmap: bo
   out = Path(workdir)
   runs = out / "runs"
   statuses = {}
+  if scale in STUDY_SCALES:
+    return _reproduce_study(scale, out, parallel, vmap, overrides, analyze_only, cache_dir,
+                            time_limit, archive)
   if not analyze_only:
     from structattn import sweep as sweep_lib
     config = load_preset(file, f"{preset}-{scale}")
@@ -286,6 +296,29 @@ def reproduce(figure: str, scale: str, workdir: str, parallel: int = 1, vmap: bo
   (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
   (out / "table.md").write_text(summary.get("table", "") + "\n")
   return summary
+
+
+def _reproduce_study(scale, out: Path, parallel, vmap, overrides, analyze_only, cache_dir,
+                     time_limit, archive) -> dict[str, Any]:
+  from structattn import lm_study
+  from structattn import study as study_lib
+  spec = lm_study.spec_for(scale)
+  overrides = dict(overrides or {})
+  plan = lambda runs: lm_study.plan(spec, runs, overrides)
+  if analyze_only:
+    study_lib.unpack(archive or out / "runs.tar.gz", out / "runs")
+    summary = {"statuses": {}, "ran": [], "pending": [], "skipped_for_time": []}
+  else:
+    summary = study_lib.run_study(plan, out, time_limit=time_limit, archive=archive,
+                                  parallel=parallel, vmap=vmap, cache_dir=cache_dir,
+                                  flops_of=lm_study.flops_of)
+    print(study_lib.describe(summary), end="")
+  result = analyze_lm_scaling(out / "runs", out)
+  result.update(scale=scale, points=summary["statuses"] or None, study=summary,
+                chosen_lr=lm_study.chosen_lrs(spec, out / "runs", overrides))
+  (out / "summary.json").write_text(json.dumps(result, indent=1, default=str))
+  (out / "table.md").write_text(result.get("table", "") + "\n")
+  return result
 
 
 def _parse_set(items: Sequence[str]) -> dict[str, Any]:
@@ -304,7 +337,7 @@ def _parse_set(items: Sequence[str]) -> dict[str, Any]:
 def main(argv: Sequence[str] | None = None) -> int:
   p = argparse.ArgumentParser(prog="structattn-reproduce", description=__doc__.split("\n")[0])
   p.add_argument("figure", choices=sorted(FIGURES))
-  p.add_argument("--scale", default="tiny", choices=SCALES)
+  p.add_argument("--scale", default="tiny", choices=SCALES + STUDY_SCALES)
   p.add_argument("--workdir", default=None, help="default runs/<figure>-<scale>")
   p.add_argument("--parallel", type=int, default=1)
   p.add_argument("--no-vmap", action="store_true", help="one process per seed / LR")
@@ -314,12 +347,19 @@ def main(argv: Sequence[str] | None = None) -> int:
                  "point names themselves contain commas)")
   p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                  help="override a base-config field for every point (JSON values)")
+  p.add_argument("--time-limit", type=float, default=None, metavar="SECONDS",
+                 help=f"study scales {STUDY_SCALES}: start no run that would not finish "
+                 "within this many seconds; finished runs are kept in --archive")
+  p.add_argument("--archive", default=None, metavar="FILE",
+                 help="study scales: .tar.gz of the finished run directories (no "
+                 "checkpoints), read first and rewritten after every run; default "
+                 "WORKDIR/runs.tar.gz")
   a = p.parse_args(argv)
   workdir = a.workdir or f"runs/{a.figure}-{a.scale}"
   try:
     summary = reproduce(a.figure, a.scale, workdir, a.parallel, not a.no_vmap,
                         _parse_set(a.set), a.analyze_only,
-                        only=a.only)
+                        only=a.only, time_limit=a.time_limit, archive=a.archive)
   except (ValueError, FileNotFoundError) as e:
     print(f"structattn-reproduce: error: {e}", file=sys.stderr)
     return 1
