@@ -48,7 +48,8 @@ def base_config() -> ml_collections.ConfigDict:
       dtype="auto", attention_pattern=""))
   c.attention = attention_config("mha")
   c.data = ml_collections.ConfigDict(dict(
-      corpus="shakespeare", tokenizer="char96", data_dir="", val_fraction=0.05, text_key="text",
+      corpus="shakespeare", corpus_dir="", tokenizer="char96", data_dir="", val_fraction=0.05,
+      text_key="text",
       tfds_name=""))
   c.train = ml_collections.ConfigDict(dict(
       steps=500, batch_size=16, grad_accum=1, lr=1e-2, warmup_steps=20, schedule="constant",

@@ -73,6 +73,8 @@ def _lm_configs():
 def _english_base(variant: str, width: int) -> ml_collections.ConfigDict:
   c = _lm_configs().paper(variant, width)
   c.data.update(corpus="english", val_fraction=0.02)
+  if variant == "mlr":
+    c.attention.impl = "mosaic"  # the fused MLR kernel on a GPU (XLA elsewhere)
   c.train.update(warmup_steps=150)
   # Every validation sequence (2,944 of 1,024 characters) at each eval: standard error of the
   # mean loss ~0.003 nats.  Evals every 382 steps: 8 points per 100M-token run.

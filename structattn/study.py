@@ -132,6 +132,9 @@ def observed_rates(runs_dir: Path, points: Sequence[Point]) -> dict[tuple[str, i
     if result.get("status") == "completed" and values:
       m = int(group.get("group_size", 1))
       rates[(model_key(config), m)] = values[len(values) // 2]
+      per_unit = float(result.get(f"compute/train_flops_per_{unit[:-1]}", 0) or 0)
+      if per_unit > 0:  # FLOP/s, for models that have not run yet
+        rates[("", m)] = min(rates.get(("", m), math.inf), values[len(values) // 2] * per_unit)
   return rates
 
 
@@ -151,7 +154,9 @@ def estimate_seconds(group: Sequence[Point], rates: dict[tuple[str, int], float]
     return COMPILE_SECONDS + units / max(r for _, r in same)
   if flops_of is None:
     return COMPILE_SECONDS
-  return COMPILE_SECONDS + sum(flops_of(c) for _, c in group) / default_rate
+  seen = [r for (k, size), r in rates.items() if k == "" and size == m]
+  rate = min(seen) if seen else default_rate  # the slowest other model's FLOP/s, if any ran
+  return COMPILE_SECONDS + sum(flops_of(c) for _, c in group) / rate
 
 
 # ----------------------------------------------------------------------------------- runner
