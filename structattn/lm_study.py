@@ -48,6 +48,7 @@ class StudySpec:
   seed_variants: tuple[str, ...]
   extra_seeds: tuple[int, ...]
   d_head: int
+  startup_seconds: float = 90.0  # per group, before its first step (for time estimates)
   max_extensions: int = 2
   lr_ratio: float = math.sqrt(10.0)  # between grid neighbours (extensions use it too)
 
@@ -72,7 +73,7 @@ def _lm_configs():
 
 def _english_base(variant: str, width: int) -> ml_collections.ConfigDict:
   c = _lm_configs().paper(variant, width)
-  c.data.update(corpus="english", val_fraction=0.02)
+  c.data.update(corpus="english", val_fraction=0.03)
   if variant == "mlr":
     c.attention.impl = "mosaic"  # the fused MLR kernel on a GPU (XLA elsewhere)
   c.train.update(warmup_steps=150)
@@ -109,7 +110,7 @@ SPECS = {
     "mini": StudySpec(
         name="mini", variants=("mha", "mlr"), widths=(32, 64), lrs=(3e-3, 1e-2), steps=12,
         long_steps=18, seed_width=32, seed_variants=("mha", "mlr"), extra_seeds=(1,),
-        d_head=16, max_extensions=0),
+        d_head=16, max_extensions=0, startup_seconds=5.0),
 }
 BASES = {"english": _english_base, "mini": _mini_base}
 

@@ -311,7 +311,7 @@ def _reproduce_study(scale, out: Path, parallel, vmap, overrides, analyze_only, 
   else:
     summary = study_lib.run_study(plan, out, time_limit=time_limit, archive=archive,
                                   parallel=parallel, vmap=vmap, cache_dir=cache_dir,
-                                  flops_of=lm_study.flops_of)
+                                  flops_of=lm_study.flops_of, startup=spec.startup_seconds)
     print(study_lib.describe(summary), end="")
   result = analyze_lm_scaling(out / "runs", out)
   result.update(scale=scale, points=summary["statuses"] or None, study=summary,

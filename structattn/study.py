@@ -5,7 +5,8 @@ may depend on the results of the stages before (e.g. the learning rate chosen by
 `run_study` runs, in order, the next points that fit the time it is given, and after every
 finished point writes an archive of the run directories (configs, metrics, results; no
 checkpoints), so an invocation that is cut off loses only the point in flight. The next
-invocation unpacks the archive, skips what is complete and goes on; `structattn-results` and
+invocation unpacks the archive, skips what is complete, tries failed points once more and
+goes on; `structattn-results` and
 `structattn-fit` read the unpacked run directories like any sweep's.
 
     plan = lambda runs_dir: [[(name, config), ...], ...]   # stages, from what is done so far
@@ -40,7 +41,7 @@ Plan = Callable[[Path], Sequence[Sequence[Point]]]
 
 KEPT_FILES = ("config.json", "result.json", "metrics.jsonl", "error.txt", "study.json")
 DEFAULT_RATE = 50e12  # training FLOP/s assumed before any run of a model has finished
-COMPILE_SECONDS = 90.0  # start-up, compilation and data loading, per group
+STARTUP_SECONDS = 90.0  # start-up, compilation and data loading of a group (a GPU default)
 
 
 # ---------------------------------------------------------------------------------- archive
@@ -65,8 +66,8 @@ def pack(runs_dir: str | os.PathLike, archive: str | os.PathLike) -> int:
 
 
 def unpack(archive: str | os.PathLike, runs_dir: str | os.PathLike) -> int:
-  """Extract an archive written by `pack` into runs_dir; a run directory that already holds a
-  finished result is left as it is.  Returns the number of runs restored."""
+  """Extract an archive written by `pack` into runs_dir; a run directory that is already
+  complete is left as it is.  Returns the number of runs restored."""
   archive, root = Path(archive), Path(runs_dir)
   if not archive.is_file():
     return 0
@@ -77,8 +78,8 @@ def unpack(archive: str | os.PathLike, runs_dir: str | os.PathLike) -> int:
       if not member.isfile() or path.is_absolute() or ".." in path.parts:
         raise ValueError(f"--archive={str(archive)!r}: unexpected entry {member.name!r}")
       run = root / path.parent
-      if _finished_status(run / "result.json") and path.parent not in restored:
-        continue  # the run directory here is already finished: keep it
+      if sweep_lib.status_of(run) == "completed" and path.parent not in restored:
+        continue  # the run directory here is already complete: keep it
       run.mkdir(parents=True, exist_ok=True)
       (run / path.name).write_bytes(tar.extractfile(member).read())
       restored.add(path.parent)
@@ -140,7 +141,8 @@ def observed_rates(runs_dir: Path, points: Sequence[Point]) -> dict[tuple[str, i
 
 def estimate_seconds(group: Sequence[Point], rates: dict[tuple[str, int], float],
                      flops_of: Callable[[ml_collections.ConfigDict], float] | None = None,
-                     default_rate: float = DEFAULT_RATE) -> float:
+                     default_rate: float = DEFAULT_RATE,
+                     startup: float = STARTUP_SECONDS) -> float:
   """Seconds a group (members trained together) is expected to take, start-up included: its
   units at the rate a finished group of the same model and size achieved, else (or when only
   other group sizes finished, at their rate scaled by size) its training FLOPs at
@@ -148,15 +150,15 @@ def estimate_seconds(group: Sequence[Point], rates: dict[tuple[str, int], float]
   key, m = model_key(group[0][1]), len(group)
   units = sum(units_of(c) for _, c in group)
   if (key, m) in rates:
-    return COMPILE_SECONDS + units / rates[(key, m)]
+    return startup + units / rates[(key, m)]
   same = [(size, r) for (k, size), r in rates.items() if k == key]
   if same:  # a group of another size: assume per-member rate no better than the best seen
-    return COMPILE_SECONDS + units / max(r for _, r in same)
+    return startup + units / max(r for _, r in same)
   if flops_of is None:
-    return COMPILE_SECONDS
+    return startup
   seen = [r for (k, size), r in rates.items() if k == "" and size == m]
   rate = min(seen) if seen else default_rate  # the slowest other model's FLOP/s, if any ran
-  return COMPILE_SECONDS + sum(flops_of(c) for _, c in group) / rate
+  return startup + sum(flops_of(c) for _, c in group) / rate
 
 
 # ----------------------------------------------------------------------------------- runner
@@ -166,12 +168,13 @@ def run_study(plan: Plan, workdir: str | os.PathLike, *, time_limit: float | Non
               archive: str | os.PathLike | None = None, parallel: int = 1, vmap: bool = True,
               cache_dir: str | None = sweep_lib.DEFAULT_CACHE,
               flops_of: Callable[[ml_collections.ConfigDict], float] | None = None,
-              default_rate: float = DEFAULT_RATE,
+              default_rate: float = DEFAULT_RATE, startup: float = STARTUP_SECONDS,
               log: Callable[[str], None] = print) -> dict[str, Any]:
   """Run the study's pending points that fit in `time_limit` seconds (None: all).
 
   `flops_of(config)`: a run's training FLOPs, for time estimates before any run of that
-  model has finished (at `default_rate` FLOP/s).
+  model has finished (at `default_rate` FLOP/s); `startup`: seconds a group needs before its
+  first step (compilation, data).
 
   The run directories live in `workdir/runs`; `archive` (default `workdir/runs.tar.gz`) is
   unpacked first and rewritten after every finished group.  Returns {'statuses': {name:
@@ -191,6 +194,7 @@ def run_study(plan: Plan, workdir: str | os.PathLike, *, time_limit: float | Non
     log(f"study: {restored} finished runs restored from {archive}")
   ran: list[str] = []
   skipped: list[str] = []
+  tried: set[str] = set()  # each point runs at most once per invocation
   ctx = multiprocessing.get_context("spawn")
   pool = (cf.ProcessPoolExecutor(parallel, mp_context=ctx, initializer=sweep_lib._worker_init,
                                  initargs=(0.9 / parallel, cache_dir))
@@ -199,23 +203,22 @@ def run_study(plan: Plan, workdir: str | os.PathLike, *, time_limit: float | Non
     sweep_lib.enable_compilation_cache(cache_dir)
   try:
     while True:
-      stage = _next_stage(plan, runs)
+      stage = _next_stage(plan, runs, tried)
       if stage is None:
         break
-      todo = [p for p in stage if sweep_lib.status_of(runs / p[0]) != "completed"
-              and not sweep_lib.status_of(runs / p[0]).startswith("failed")]
+      todo = [p for p in stage
+              if sweep_lib.status_of(runs / p[0]) != "completed" and p[0] not in tried]
       rates = observed_rates(runs, stage)
       jobs = [[todo[i] for i in g] for g in sweep_lib.groups(todo, vmap)]
-      started_any = False
       running: dict[cf.Future, list[Point]] = {}
       for job in jobs:
-        need = estimate_seconds(job, rates, flops_of, default_rate)
+        tried.update(n for n, _ in job)
+        need = estimate_seconds(job, rates, flops_of, default_rate, startup)
         if time.time() + need > deadline:
           skipped += [n for n, _ in job]
           log(f"study: not starting {[n for n, _ in job]} (needs ~{need:.0f} s, "
               f"{max(0.0, deadline - time.time()):.0f} s left)")
           continue
-        started_any = True
         args = ([c.to_dict() for _, c in job], [str(runs / n) for n, _ in job], vmap)
         if pool is None:
           _finish(job, sweep_lib.run_points(*args), runs, archive, ran, log)
@@ -224,7 +227,7 @@ def run_study(plan: Plan, workdir: str | os.PathLike, *, time_limit: float | Non
           while len(running) >= parallel:
             _drain(running, runs, archive, ran, log, cf.FIRST_COMPLETED)
       _drain(running, runs, archive, ran, log, cf.ALL_COMPLETED)
-      if not started_any or skipped:
+      if skipped:
         break  # out of time: later stages depend on this one
   finally:
     if pool is not None:
@@ -233,17 +236,15 @@ def run_study(plan: Plan, workdir: str | os.PathLike, *, time_limit: float | Non
   names = [n for stage in stages for n, _ in stage]
   statuses = {n: sweep_lib.status_of(runs / n) for n in names}
   return {"statuses": statuses, "ran": ran, "skipped_for_time": skipped,
-          "pending": [n for n, s in statuses.items() if s != "completed"
-                      and not s.startswith("failed")], "seconds": time.time() - t0,
-          "archive": str(archive)}
+          "pending": [n for n, s in statuses.items() if s != "completed"],
+          "seconds": time.time() - t0, "archive": str(archive)}
 
 
-def _next_stage(plan: Plan, runs: Path) -> Sequence[Point] | None:
-  """The first stage with a point that is neither completed nor failed."""
+def _next_stage(plan: Plan, runs: Path, tried: set[str]) -> Sequence[Point] | None:
+  """The first stage with a point that is not completed and not yet tried by this
+  invocation (a point that failed in an earlier one is tried again, as sweeps do)."""
   for stage in plan(runs):
-    if any(sweep_lib.status_of(runs / n) == "pending" or
-           sweep_lib.status_of(runs / n) in ("running", "unknown", "unreadable")
-           for n, _ in stage):
+    if any(sweep_lib.status_of(runs / n) != "completed" and n not in tried for n, _ in stage):
       return stage
   return None
 
