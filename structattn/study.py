@@ -52,7 +52,8 @@ def pack(runs_dir: str | os.PathLike, archive: str | os.PathLike) -> int:
   atomically; returns the number of runs packed."""
   root, archive = Path(runs_dir), Path(archive)
   runs = sorted(p.parent for p in root.rglob("result.json")
-                if "checkpoints" not in p.parts and _finished_status(p))
+                if "checkpoints" not in p.parts and ".stale-" not in p.parent.name
+                and _finished_status(p))
   archive.parent.mkdir(parents=True, exist_ok=True)
   tmp = archive.with_name(f".{archive.name}.{os.getpid()}.tmp")
   with tarfile.open(tmp, "w:gz") as tar:
@@ -203,6 +204,8 @@ def run_study(plan: Plan, workdir: str | os.PathLike, *, time_limit: float | Non
     sweep_lib.enable_compilation_cache(cache_dir)
   try:
     while True:
+      if set_aside_stale(runs, [p for st in plan(runs) for p in st], log):
+        continue  # the plan may change now that those runs are gone
       stage = _next_stage(plan, runs, tried)
       if stage is None:
         break
@@ -238,6 +241,42 @@ def run_study(plan: Plan, workdir: str | os.PathLike, *, time_limit: float | Non
   return {"statuses": statuses, "ran": ran, "skipped_for_time": skipped,
           "pending": [n for n, s in statuses.items() if s != "completed"],
           "seconds": time.time() - t0, "archive": str(archive)}
+
+
+# Config fields that may differ between machines without changing a run's result.
+MACHINE_FIELDS = ("data.corpus_dir", "data.data_dir", "progress")
+
+
+def stale(run_dir: Path, config: ml_collections.ConfigDict) -> bool:
+  """Whether run_dir holds a run of another config than the planned one (the protocol
+  changed since it ran), ignoring MACHINE_FIELDS and fields the run resolved itself."""
+  from structattn.results import flatten
+  try:
+    ran = flatten(json.loads((run_dir / "config.json").read_text()))
+  except (OSError, ValueError):
+    return False
+  planned = flatten(config.to_dict())
+  return any(k not in MACHINE_FIELDS and k in ran and ran[k] != _jsonable(v)
+             for k, v in planned.items())
+
+
+def _jsonable(v):
+  return json.loads(json.dumps(v, default=str))
+
+
+def set_aside_stale(runs: Path, points: Sequence[Point], log=print) -> list[str]:
+  """Move run directories whose config no longer matches the plan to `<name>.stale-N`."""
+  moved = []
+  for name, config in points:
+    run = runs / name
+    if run.is_dir() and stale(run, config):
+      n = 1
+      while (runs / f"{name}.stale-{n}").exists():
+        n += 1
+      run.rename(runs / f"{name}.stale-{n}")
+      moved.append(name)
+      log(f"study: {name} ran with another config; moved to {name}.stale-{n}")
+  return moved
 
 
 def _next_stage(plan: Plan, runs: Path, tried: set[str]) -> Sequence[Point] | None:
