@@ -6,7 +6,7 @@ compute multipliers, the learning-rate grid, the plateau check and a verdict.
     out = frontier.analyze("runs/lm-english", "docs/figures/lm", n_boot=1000, seed=0)
     print(out["report"])                    # markdown; out is JSON-serialisable
 
-    python -m structattn.frontier runs/lm-english --out=docs/figures/lm [--n-boot=1000]
+    structattn-frontier runs/lm-english --out=docs/figures/lm [--n-boot=1000]
 
 Piece by piece (pure functions on the rows of `results.collect` and `fit.Curve`s):
 
@@ -815,7 +815,9 @@ def _ylim(ax, values: Iterable[np.ndarray], pad: float = 0.04) -> None:
 
 
 def _axes_style(ax, xlabel: str, ylabel: str, title: str | None = None) -> None:
+  from matplotlib import ticker
   ax.set_xscale("log")
+  ax.xaxis.set_minor_formatter(ticker.NullFormatter())
   ax.set_xlabel(xlabel)
   ax.set_ylabel(ylabel)
   ax.grid(True, which="both", alpha=0.2)
@@ -940,12 +942,19 @@ def plot_multiplier(multipliers: Mapping[str, Mapping[str, Any]]):
     ys += [y, lo, hi]
   ax.axhline(1.0, color="k", lw=0.8)
   ax.set_yscale("log")
+  # the range of the estimates and 1, widened to the intervals by at most a factor 3 (an
+  # interval reaching further is cut at the edge)
+  est = np.concatenate([np.asarray(m["multiplier"], float) for m in multipliers.values()]
+                       + [np.ones(1)])
+  est = est[np.isfinite(est) & (est > 0)]
   v = np.concatenate([np.asarray(a, float) for a in ys] + [np.ones(1)])
   v = v[np.isfinite(v) & (v > 0)]
-  ax.set_ylim(v.min() / 1.15, v.max() * 1.15)
+  lo, hi = max(v.min(), est.min() / 3), min(v.max(), est.max() * 3)
+  ax.set_ylim(lo / 1.15, hi * 1.15)
   from matplotlib import ticker
+  ax.yaxis.set_major_locator(ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
   ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda t, _: f"{t:g}"))
-  ax.yaxis.set_minor_formatter(ticker.FuncFormatter(lambda t, _: f"{t:g}"))
+  ax.yaxis.set_minor_formatter(ticker.NullFormatter())
   _axes_style(ax, "compute C (paper MACs)", "multiplier C' / C",
               "effective compute multiplier (95% bootstrap); hollow: extrapolated by the fit")
   ax.legend(fontsize=8)
@@ -978,12 +987,17 @@ def report(res: Mapping[str, Any]) -> str:
   L += ["", f"## Frontier loss at {len(at)} shared compute points", "",
         f"Bootstrap over runs (B = {n_b}), 95% percentile intervals; seed s.e. = "
         "sqrt(sd_target^2 + sd_rival^2) from the seed spread below.", "",
+        "'n': replicates in which both frontiers cover the point (an interval of one value: "
+        "a single run covers it); 'with seeds': each half-width combined in quadrature with "
+        "1.96 seed s.e.", "",
         "| C (MACs) | " + " | ".join(variants) + f" | best rival | {target} - rival | 95% CI | "
-        "seed s.e. |", "|---:|" + "---:|" * len(variants) + "---|---:|---|---:|"]
+        "n | seed s.e. | 95% CI with seeds |",
+        "|---:|" + "---:|" * len(variants) + "---|---:|---|---:|---:|---|"]
   for p, c in enumerate(at):
     L.append(f"| {c:.3g} | " + " | ".join(_f(cmp["loss"][v][p]) for v in variants) +
              f" | {cmp['best_rival'][p] or '-'} | {_f(cmp['diff'][p], '+.4f')} | "
-             f"{_iv(cmp['diff_ci'][p], '+.4f')} | {_f(cmp['se_seed'][p])} |")
+             f"{_iv(cmp['diff_ci'][p], '+.4f')} | {cmp['diff_n_valid'][p]} | "
+             f"{_f(cmp['se_seed'][p])} | {_iv(cmp['total_ci'][p], '+.4f')} |")
   L += ["", f"{target} minus each rival:", "",
         "| C (MACs) | " + " | ".join(f"{target} - {r} [95% CI]" for r in cmp["rivals"]) + " |",
         "|---:|" + "---|" * len(cmp["rivals"])]
@@ -1050,12 +1064,13 @@ def report(res: Mapping[str, Any]) -> str:
 def analyze(root: str | os.PathLike, out_dir: str | os.PathLike | None, n_boot: int = 1000,
             seed: int = 0, *, n_points: int = 8, target: str = "mlr", baseline: str = "mha",
             unigram_entropy: float | None = None, plateau_fraction: float = 0.1,
-            figures: bool = True) -> dict[str, Any]:
+            fit_boot: int | None = None, figures: bool = True) -> dict[str, Any]:
   """The whole analysis of a study directory; JSON-serialisable (`jsonable` applied).
 
   Keys: root, main_runs, at, compare, verdict, fits, multipliers ({baseline: ...} for
   `baseline` first, then every other rival), seed_spread, lr_grid, lr_table, plateau,
-  plateau_fraction, figures (written paths), report (markdown). With `out_dir`, figures
+  plateau_fraction, figures (written paths), report (markdown). `fit_boot` is the fits'
+  bootstrap size (default n_boot; each replicate is a fit, ~15 ms). With `out_dir`, figures
   (FIGURES, PNG and PDF), ``frontier_analysis.json`` and ``frontier_analysis.md`` are written
   there.
   """
@@ -1067,7 +1082,7 @@ def analyze(root: str | os.PathLike, out_dir: str | os.PathLike | None, n_boot: 
   at = shared_points(runs, n_points)
   seeds = seed_spread(rows)
   cmp = compare(runs, at, target=target, seeds=seeds, n_boot=n_boot, seed=seed)
-  fits = fit_frontiers(runs, n_boot=n_boot, seed=seed)
+  fits = fit_frontiers(runs, n_boot=n_boot if fit_boot is None else fit_boot, seed=seed)
   rivals = [v for v in cmp["variants"] if v != target]
   order = ([baseline] if baseline in rivals else []) + [r for r in rivals if r != baseline]
   mults = {b: compute_multiplier(runs, at, b, target, fits=fits, n_boot=n_boot, seed=seed)
@@ -1104,7 +1119,7 @@ def analyze(root: str | os.PathLike, out_dir: str | os.PathLike | None, n_boot: 
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  p = argparse.ArgumentParser(prog="python -m structattn.frontier",
+  p = argparse.ArgumentParser(prog="structattn-frontier",
                               description="Compute-frontier analysis of an LM study directory.")
   p.add_argument("dir", help="study directory (run directories nested at any depth)")
   p.add_argument("--out", required=True, help="output directory: figures, JSON, markdown")
@@ -1120,7 +1135,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     res = analyze(a.dir, a.out, a.n_boot, a.seed, n_points=a.points, target=a.target,
                   baseline=a.baseline, unigram_entropy=a.unigram_entropy)
   except (FileNotFoundError, KeyError, ValueError) as e:
-    print(f"structattn.frontier: error: {e.args[0] if e.args else e}", file=sys.stderr)
+    print(f"structattn-frontier: error: {e.args[0] if e.args else e}", file=sys.stderr)
     return 1
   print(res["report"])
   return 0
