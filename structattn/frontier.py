@@ -665,6 +665,29 @@ def unigram_entropy(text_or_counts: str | Mapping[Any, int] | Iterable[int]) -> 
   return float(-(p * np.log(p)).sum())
 
 
+def corpus_unigram_entropy(paths: str | os.PathLike | Iterable[str | os.PathLike]) -> float:
+  """`unigram_entropy` of the bytes of text files (``*.txt``, or ``*.txt.xz`` read through
+  lzma): a file, a list of files, or a directory (its ``*.txt`` and ``*.txt.xz``). Counts
+  bytes, which for the char96 corpora are the characters. The English study corpus
+  (../shared/data/text, 151.0M characters) gives 3.299 nats."""
+  import lzma
+  if isinstance(paths, (str, os.PathLike)) and Path(paths).is_dir():
+    d = Path(paths)
+    files = sorted([*d.glob("*.txt"), *d.glob("*.txt.xz")])
+  elif isinstance(paths, (str, os.PathLike)):
+    files = [Path(paths)]
+  else:
+    files = [Path(p) for p in paths]
+  if not files:
+    raise FileNotFoundError(f"no *.txt or *.txt.xz files in {str(paths)!r}")
+  counts = np.zeros(256, np.int64)
+  for f in files:
+    with (lzma.open(f, "rb") if f.suffix == ".xz" else open(f, "rb")) as fh:
+      while chunk := fh.read(1 << 24):
+        counts += np.bincount(np.frombuffer(chunk, np.uint8), minlength=256)
+  return unigram_entropy(counts.tolist())
+
+
 def plateau_check(rows: Iterable[Mapping[str, Any]], fraction: float = 0.1,
                   unigram_entropy: float | None = None, root: str | os.PathLike | None = None,
                   *, margin: float = 0.3, fallback_drop: float = 0.5,
@@ -772,8 +795,9 @@ def lr_grid_table(rows: Iterable[Mapping[str, Any]] | Mapping[str, Any],
   lines.append("")
   for v, t in g["transfer"].items():
     if t["agree"] is None:
-      lines.append(f"- {v}: muP transfer not tested (fewer than two learning rates at width "
-                   f"{t['smallest']} or {t['largest']}).")
+      why = (f"only width {t['smallest']} has runs" if t["smallest"] == t["largest"] else
+             f"fewer than two learning rates at width {t['smallest']} or {t['largest']}")
+      lines.append(f"- {v}: muP transfer not tested ({why}).")
     else:
       lines.append(f"- {v}: best lr {t['best_smallest']:.3g} at width {t['smallest']}, "
                    f"{t['best_largest']:.3g} at width {t['largest']}: "
@@ -973,6 +997,7 @@ def _iv(c: Sequence[float], fmt: str = ".4f") -> str:
 
 def report(res: Mapping[str, Any]) -> str:
   """The markdown report of an `analyze` result (before or after `jsonable`)."""
+  res = jsonable(res)
   cmp, target = res["compare"], res["compare"]["target"]
   variants = list(cmp["variants"])
   at = list(cmp["at"])
@@ -1039,9 +1064,12 @@ def report(res: Mapping[str, Any]) -> str:
       for g in d["groups"]:
         L.append(f"| {v} | {g['width']} | {_f(g['lr'], '.3g')} | {g['steps']} | "
                  f"{', '.join(map(str, g['seeds']))} | {_f(g['sd'])} |")
-  L += [""] + [f"- {v}: sd {_f(s['sd'])}" + (" (pooled from the variants with seeds)"
-                                             if s["pooled"] else "")
-               for v, s in cmp["seed_sd"].items()]
+    L += [""] + [f"- {v}: sd {_f(s['sd'])}" + (" (pooled from the variants with seeds)"
+                                               if s["pooled"] else "")
+                 for v, s in cmp["seed_sd"].items()]
+  else:
+    L += ["No extra-seed runs (equal variant, width, lr and steps, another seed): the seed "
+          "spread is unknown and the intervals are over runs only."]
   pl = res["plateau"]
   stuck = [p for p in pl if not p["left_plateau"]]
   L += ["", f"## Plateau check (train loss at {res['plateau_fraction']:.0%} of each run)", "",
@@ -1130,8 +1158,12 @@ def main(argv: Sequence[str] | None = None) -> int:
   p.add_argument("--baseline", default="mha")
   p.add_argument("--unigram-entropy", type=float, default=None,
                  help="the corpus's unigram entropy in nats (plateau threshold)")
+  p.add_argument("--corpus-dir", default=None,
+                 help="compute --unigram-entropy from this directory's *.txt / *.txt.xz")
   a = p.parse_args(argv)
   try:
+    if a.corpus_dir and a.unigram_entropy is None:
+      a.unigram_entropy = corpus_unigram_entropy(a.corpus_dir)
     res = analyze(a.dir, a.out, a.n_boot, a.seed, n_points=a.points, target=a.target,
                   baseline=a.baseline, unigram_entropy=a.unigram_entropy)
   except (FileNotFoundError, KeyError, ValueError) as e:

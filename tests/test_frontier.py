@@ -298,8 +298,19 @@ def test_plateau_check_flags_a_flat_run(study, rows):
       -(0.5 * math.log(0.25) + 0.5 * math.log(0.5)))
 
 
+def test_corpus_unigram_entropy(tmp_path):
+  import lzma
+  (tmp_path / "a.txt").write_text("aab")
+  with lzma.open(tmp_path / "b.txt.xz", "wt") as f:
+    f.write("bc")
+  want = frontier.unigram_entropy("aabbc")
+  assert frontier.corpus_unigram_entropy(tmp_path) == pytest.approx(want)
+  assert frontier.corpus_unigram_entropy([tmp_path / "b.txt.xz"]) == pytest.approx(math.log(2))
+
+
 def test_analyze_writes_figures_and_json(study, tmp_path):
-  out = frontier.analyze(study["root"], tmp_path / "out", n_boot=40, seed=0, n_points=6)
+  out = frontier.analyze(study["root"], tmp_path / "out", n_boot=40, seed=0, n_points=6,
+                         fit_boot=20)
   json.dumps(out, allow_nan=False)
   assert len(out["at"]) == 6
   assert list(out["multipliers"]) == ["mha", "swa", "gswa"]
