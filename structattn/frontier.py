@@ -462,36 +462,47 @@ def verdict(comparison: Mapping[str, Any], use_seed: bool = True, z: float = 1.9
 
   Per point and rival: 'below' when the bootstrap interval of target minus rival lies below 0
   (and, with `use_seed` and a finite seed standard error se, diff + z se < 0 too), 'above' when
-  it lies above 0 (diff - z se > 0), else 'indistinguishable'. Returns {'per_rival': {r:
-  [verdict] * P}, 'counts': {r: {verdict: n}}, 'text': a one-paragraph summary}.
+  it lies above 0 (diff - z se > 0), else 'indistinguishable'. A point without any measure of
+  uncertainty (no seed standard error and a bootstrap interval of one value, i.e. a single run
+  covers it in every replicate) is 'indistinguishable' too and counted in 'no_uncertainty'.
+  Works on a `compare` result before or after `jsonable`. Returns {'per_rival': {r: [verdict]
+  * P}, 'counts': {r: {verdict: n, 'no_uncertainty': n}}, 'text': a one-paragraph summary}.
   """
   at = np.asarray(comparison["at"], float)
   per, counts, lines = {}, {}, []
   target = comparison["target"]
   for r, d in comparison["rivals"].items():
-    se = float(d["se_seed"]) if use_seed else math.nan
-    vs = []
+    se = _num(d["se_seed"]) if use_seed else math.nan
+    vs, blind = [], 0
     for p in range(at.size):
-      lo, hi = d["diff_ci"][p]
-      diff = float(d["diff"][p])
-      # without a seed standard error only the bootstrap interval decides
-      seed_lo = diff - z * se if math.isfinite(se) else math.inf
-      seed_hi = diff + z * se if math.isfinite(se) else -math.inf
+      lo, hi = (_num(v) for v in d["diff_ci"][p])
+      diff = _num(d["diff"][p])
       if not (math.isfinite(lo) and math.isfinite(hi) and math.isfinite(diff)):
         vs.append("indistinguishable")
-      elif hi < 0 and seed_hi < 0:
+        continue
+      if not math.isfinite(se):  # only the bootstrap interval decides
+        if hi <= lo:
+          vs.append("indistinguishable")
+          blind += 1
+          continue
+        seed_lo, seed_hi = math.inf, -math.inf
+      else:
+        seed_lo, seed_hi = diff - z * se, diff + z * se
+      if hi < 0 and seed_hi < 0:
         vs.append("below")
       elif lo > 0 and seed_lo > 0:
         vs.append("above")
       else:
         vs.append("indistinguishable")
     per[r] = vs
-    counts[r] = {k: vs.count(k) for k in VERDICTS}
+    counts[r] = {**{k: vs.count(k) for k in VERDICTS}, "no_uncertainty": blind}
     where = _ranges(at, vs, "below")
     lines.append(f"{target} is below {r} at {counts[r]['below']}/{at.size} shared points"
                  + (f" ({where})" if where else "") +
                  f", above at {counts[r]['above']}, indistinguishable at "
-                 f"{counts[r]['indistinguishable']}")
+                 f"{counts[r]['indistinguishable']}" +
+                 (f" ({blind} without any uncertainty estimate: one run and no seeds)"
+                  if blind else ""))
   return {"per_rival": per, "counts": counts, "text": "; ".join(lines) + "."}
 
 
@@ -529,13 +540,18 @@ def frontier_points(curves: Sequence[fit_lib.Curve]) -> fit_lib.Frontier:
 
 
 def fit_frontiers(frontiers: Frontiers, n_boot: int = 1000, seed: int = 0,
-                  **fit_kwargs: Any) -> dict[str, fit_lib.PowerLawFit]:
-  """L(C) = E + A C^-alpha per variant on its frontier points (`fit.fit_power_law`, bootstrap
-  over points, 95% percentile intervals in ``E_ci``, ``A_ci``, ``alpha_ci``)."""
+                  x_min: float | None = None, **fit_kwargs: Any
+                  ) -> dict[str, fit_lib.PowerLawFit]:
+  """L(C) = E + A C^-alpha per variant on its frontier points (`frontier_points`;
+  `fit.fit_power_law`: bootstrap over points, 95% percentile intervals in ``E_ci``, ``A_ci``,
+  ``alpha_ci``). `x_min` drops frontier points below that compute (e.g. the first evals of
+  the smallest model, still near the plateau); fit_kwargs go to `fit.fit_power_law`."""
   out = {}
   for v in sorted(frontiers, key=_variant_key):
     fr = frontier_points(frontiers[v])
-    out[v] = fit_lib.fit_power_law(fr.x, fr.y, n_boot=n_boot, seed=seed, **fit_kwargs)
+    keep = fr.x >= x_min if x_min is not None else np.ones(fr.x.shape, bool)
+    out[v] = fit_lib.fit_power_law(fr.x[keep], fr.y[keep], n_boot=n_boot, seed=seed,
+                                   **fit_kwargs)
   return out
 
 
@@ -580,13 +596,14 @@ def _invert(lg: np.ndarray, mono: np.ndarray, L: np.ndarray, f: fit_lib.PowerLaw
 def compute_multiplier(frontiers: Frontiers, at: Any, baseline: str = "mha",
                        target: str = "mlr", *, fits: Mapping[str, fit_lib.PowerLawFit] | None
                        = None, n_boot: int = 1000, seed: int = 0, ci: float = 0.95,
-                       grid_n: int = 512) -> dict[str, Any]:
+                       grid_n: int = 512, fit_x_min: float | None = None) -> dict[str, Any]:
   """Effective compute multiplier of `target` over `baseline` at each point C of `at` (P,).
 
   C' is the compute at which the baseline's frontier (made non-increasing by a running minimum,
   inverted piecewise-linearly in log10 C on a grid of `grid_n` points plus every measured x)
   reaches the target's frontier loss L_target(C); outside the baseline's measured losses C'
-  comes from its power-law fit (``fits[baseline]``, else fitted here), flagged
+  comes from its power-law fit (``fits[baseline]``, else fitted here to the frontier points at
+  compute >= `fit_x_min`), flagged
   ``extrapolated`` (``unreachable`` when L_target <= the fit's E: C' is infinite). The
   multiplier is C'/C: how much more compute the baseline needs to reach the target's loss.
   Bootstrap: both variants' runs resampled (the fit refitted, without its own bootstrap, for
@@ -603,8 +620,7 @@ def compute_multiplier(frontiers: Frontiers, at: Any, baseline: str = "mha",
   lo, hi = coverage(cb)
   grid = np.unique(np.concatenate([np.geomspace(lo, hi, grid_n), *[c.x for c in cb]]))
   Mb = run_matrix(cb, grid)
-  f_full = (fits or {}).get(baseline) or fit_lib.fit_power_law(
-      *_xy(frontier_points(cb)), n_boot=0)
+  f_full = (fits or {}).get(baseline) or _quick_fit(cb, fit_x_min)
   L_t = frontier_curve(ct, at).y
   lg, mono = _monotone(Mb, grid, range(len(cb)))
   C, ext, unreach = _invert(lg, mono, L_t, f_full)
@@ -618,12 +634,11 @@ def compute_multiplier(frontiers: Frontiers, at: Any, baseline: str = "mha",
   for b in range(n_boot):
     key = frozenset(idx[baseline][b].tolist())
     if key not in cache:
-      cache[key] = (*_monotone(Mb, grid, sorted(key)), None)
+      cache[key] = (*_monotone(Mb, grid, sorted(key)), f_full if len(key) == len(cb) else None)
     lg_b, mono_b, f_b = cache[key]
     need = np.isfinite(boot_Lt[b]) & ~_inside(mono_b, boot_Lt[b])
     if need.any() and f_b is None:
-      sub = [cb[i] for i in sorted(key)]
-      f_b = fit_lib.fit_power_law(*_xy(frontier_points(sub)), n_boot=0)
+      f_b = _quick_fit([cb[i] for i in sorted(key)], fit_x_min)
       cache[key] = (lg_b, mono_b, f_b)
     Cb, eb, _ = _invert(lg_b, mono_b, boot_Lt[b], f_b)
     boot_m[b], boot_ext[b] = Cb / at, eb & np.isfinite(boot_Lt[b])
@@ -642,8 +657,9 @@ def _inside(mono: np.ndarray, L: np.ndarray) -> np.ndarray:
     return (L >= mono[-1]) & (L <= mono[0])
 
 
-def _xy(fr: fit_lib.Frontier) -> tuple[np.ndarray, np.ndarray]:
-  return fr.x, fr.y
+def _quick_fit(curves: Sequence[fit_lib.Curve], x_min: float | None) -> fit_lib.PowerLawFit:
+  """The power law of some runs' frontier points, without a bootstrap."""
+  return fit_frontiers({"_": curves}, n_boot=0, x_min=x_min)["_"]
 
 
 # ------------------------------------------------------------------------------ plateau
@@ -1092,13 +1108,16 @@ def report(res: Mapping[str, Any]) -> str:
 def analyze(root: str | os.PathLike, out_dir: str | os.PathLike | None, n_boot: int = 1000,
             seed: int = 0, *, n_points: int = 8, target: str = "mlr", baseline: str = "mha",
             unigram_entropy: float | None = None, plateau_fraction: float = 0.1,
-            fit_boot: int | None = None, figures: bool = True) -> dict[str, Any]:
+            fit_boot: int | None = None, fit_x_min: float | None = None,
+            figures: bool = True) -> dict[str, Any]:
   """The whole analysis of a study directory; JSON-serialisable (`jsonable` applied).
 
   Keys: root, main_runs, at, compare, verdict, fits, multipliers ({baseline: ...} for
   `baseline` first, then every other rival), seed_spread, lr_grid, lr_table, plateau,
   plateau_fraction, figures (written paths), report (markdown). `fit_boot` is the fits'
-  bootstrap size (default n_boot; each replicate is a fit, ~15 ms). With `out_dir`, figures
+  bootstrap size (default n_boot; each replicate is a fit, ~15 ms) and `fit_x_min` their
+  least compute (`fit_frontiers`; the multipliers' extrapolation uses these fits too). With
+  `out_dir`, figures
   (FIGURES, PNG and PDF), ``frontier_analysis.json`` and ``frontier_analysis.md`` are written
   there.
   """
@@ -1110,11 +1129,12 @@ def analyze(root: str | os.PathLike, out_dir: str | os.PathLike | None, n_boot: 
   at = shared_points(runs, n_points)
   seeds = seed_spread(rows)
   cmp = compare(runs, at, target=target, seeds=seeds, n_boot=n_boot, seed=seed)
-  fits = fit_frontiers(runs, n_boot=n_boot if fit_boot is None else fit_boot, seed=seed)
+  fits = fit_frontiers(runs, n_boot=n_boot if fit_boot is None else fit_boot, seed=seed,
+                       x_min=fit_x_min)
   rivals = [v for v in cmp["variants"] if v != target]
   order = ([baseline] if baseline in rivals else []) + [r for r in rivals if r != baseline]
-  mults = {b: compute_multiplier(runs, at, b, target, fits=fits, n_boot=n_boot, seed=seed)
-           for b in order}
+  mults = {b: compute_multiplier(runs, at, b, target, fits=fits, n_boot=n_boot, seed=seed,
+                                fit_x_min=fit_x_min) for b in order}
   grid = lr_grid(rows)
   res: dict[str, Any] = {
       "root": str(root), "at": at, "compare": cmp, "verdict": verdict(cmp), "fits": fits,
@@ -1154,6 +1174,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   p.add_argument("--n-boot", type=int, default=1000)
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--points", type=int, default=8)
+  p.add_argument("--fit-x-min", type=float, default=None,
+                 help="fit only frontier points at compute >= this")
   p.add_argument("--target", default="mlr")
   p.add_argument("--baseline", default="mha")
   p.add_argument("--unigram-entropy", type=float, default=None,
@@ -1165,7 +1187,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if a.corpus_dir and a.unigram_entropy is None:
       a.unigram_entropy = corpus_unigram_entropy(a.corpus_dir)
     res = analyze(a.dir, a.out, a.n_boot, a.seed, n_points=a.points, target=a.target,
-                  baseline=a.baseline, unigram_entropy=a.unigram_entropy)
+                  baseline=a.baseline, unigram_entropy=a.unigram_entropy,
+                  fit_x_min=a.fit_x_min)
   except (FileNotFoundError, KeyError, ValueError) as e:
     print(f"structattn-frontier: error: {e.args[0] if e.args else e}", file=sys.stderr)
     return 1

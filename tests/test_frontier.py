@@ -221,6 +221,11 @@ def test_verdict(comparison):
   hand["rivals"]["mha"]["se_seed"] = 0.1  # the seed spread alone makes -0.1 uncertain
   assert frontier.verdict(hand)["per_rival"]["mha"][0] == "indistinguishable"
   assert frontier.verdict(hand, use_seed=False)["per_rival"]["mha"][0] == "below"
+  # one run covering the point and no seeds: no uncertainty at all, so no claim
+  hand["rivals"]["mha"].update(se_seed=None, diff_ci=[(-0.1, -0.1), (None, None), (0.1, 0.2)])
+  v = frontier.verdict(hand)
+  assert v["per_rival"]["mha"] == ["indistinguishable", "indistinguishable", "above"]
+  assert v["counts"]["mha"]["no_uncertainty"] == 1 and "without any uncertainty" in v["text"]
 
 
 def test_compute_multiplier_matches_the_shift(runs):
@@ -253,6 +258,10 @@ def test_compute_multiplier_matches_the_shift(runs):
 
 def test_fits_recover_alpha(runs):
   fits = frontier.fit_frontiers(runs, n_boot=60)
+  x_min = 1e13
+  later = frontier.fit_frontiers(runs, n_boot=0, x_min=x_min)
+  assert later["mha"].n_points < fits["mha"].n_points
+  assert later["mha"].n_points == (frontier.frontier_points(runs["mha"]).x >= x_min).sum()
   for v, f in fits.items():
     assert f.status == "ok", (v, f.message)
     lo, hi = f.alpha_ci
