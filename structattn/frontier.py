@@ -336,8 +336,10 @@ def seed_spread(rows: Iterable[Mapping[str, Any]], root: str | os.PathLike | Non
   Groups are runs of equal (variant, width, lr, steps) with two or more distinct seeds. Per
   group: each seed's curve at the first seed's eval points inside the common range; sd across
   seeds (ddof=1) per point; the summary sd is the root mean square over the points at compute
-  >= half the common maximum. A variant's sd pools its groups (root mean square). Returns
-  {variant: {'sd', 'n_groups', 'groups': [{'width', 'lr', 'steps', 'seeds', 'runs', 'x',
+  >= half the common maximum. A variant's sd pools its groups (root mean square); ``sd_ci`` is
+  its 95% chi-square interval with df = the number of seeds less one, summed over groups (with
+  three seeds the sd is known to within a factor of about 0.5 to 6). Returns {variant: {'sd',
+  'sd_ci', 'df', 'n_groups', 'groups': [{'width', 'lr', 'steps', 'seeds', 'runs', 'x',
   'sd_curve', 'sd'}]}} for variants that have seeds.
   """
   groups: dict[tuple, list] = {}
@@ -369,9 +371,15 @@ def seed_spread(rows: Iterable[Mapping[str, Any]], root: str | os.PathLike | Non
     g = {"width": width, "lr": lr, "steps": steps, "seeds": sorted(by_seed),
          "runs": [c.run for c in cs], "x": x, "sd_curve": sd_x, "sd": sd}
     out.setdefault(variant, {"groups": []})["groups"].append(g)
+  from scipy import stats
   for v, d in out.items():
     d["sd"] = float(np.sqrt(np.mean([g["sd"] ** 2 for g in d["groups"]])))
     d["n_groups"] = len(d["groups"])
+    # the points of one run are strongly correlated: count a group's seeds, not its points
+    df = sum(len(g["seeds"]) - 1 for g in d["groups"])
+    d["df"] = df
+    d["sd_ci"] = (d["sd"] * math.sqrt(df / stats.chi2.ppf(0.975, df)),
+                  d["sd"] * math.sqrt(df / stats.chi2.ppf(0.025, df)))
   return out
 
 
@@ -1080,9 +1088,11 @@ def report(res: Mapping[str, Any]) -> str:
       for g in d["groups"]:
         L.append(f"| {v} | {g['width']} | {_f(g['lr'], '.3g')} | {g['steps']} | "
                  f"{', '.join(map(str, g['seeds']))} | {_f(g['sd'])} |")
-    L += [""] + [f"- {v}: sd {_f(s['sd'])}" + (" (pooled from the variants with seeds)"
-                                               if s["pooled"] else "")
-                 for v, s in cmp["seed_sd"].items()]
+    spread = res["seed_spread"]
+    L += [""] + [f"- {v}: sd {_f(s['sd'])}" + (
+        f" (95% CI {_iv(spread[v]['sd_ci'])}, df {spread[v]['df']})" if v in spread else "")
+        + (" (pooled from the variants with seeds)" if s["pooled"] else "")
+        for v, s in cmp["seed_sd"].items()]
   else:
     L += ["No extra-seed runs (equal variant, width, lr and steps, another seed): the seed "
           "spread is unknown and the intervals are over runs only."]

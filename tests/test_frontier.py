@@ -199,6 +199,8 @@ def test_seed_spread(rows, comparison):
     g, = spread[v]["groups"]
     assert g["seeds"] == [0, 1, 2] and g["width"] == SEED_WIDTH
     assert 0.007 < spread[v]["sd"] < 0.014
+    lo, hi = spread[v]["sd_ci"]
+    assert spread[v]["df"] == 2 and lo < 0.01 < hi and hi / lo > 5
   sds = comparison["seed_sd"]
   assert not sds["mha"]["pooled"] and sds["swa"]["pooled"] and sds["gswa"]["pooled"]
   pooled = math.sqrt((spread["mha"]["sd"] ** 2 + spread["mlr"]["sd"] ** 2) / 2)
