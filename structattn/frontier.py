@@ -862,10 +862,28 @@ def _ylim(ax, values: Iterable[np.ndarray], pad: float = 0.04) -> None:
     ax.set_ylim(lo - pad * span, hi + pad * span)
 
 
+COLOURS = {"mha": "tab:blue", "swa": "tab:green", "gswa": "tab:purple", "mlr": "tab:orange"}
+
+
+def colours(variants: Iterable[str]) -> dict[str, Any]:
+  """A fixed colour per known variant (the same in every figure and study), tab10 for others."""
+  from structattn import figures
+  variants = list(dict.fromkeys(variants))
+  other = figures.colours([v for v in variants if v not in COLOURS] or ["_"])
+  return {v: COLOURS.get(v, other.get(v)) for v in variants}
+
+
 def _axes_style(ax, xlabel: str, ylabel: str, title: str | None = None) -> None:
+  """Log x (labels at 1, 2, 5 x 10^k when the data span less than 1.5 decades), grid, labels;
+  call after plotting."""
   from matplotlib import ticker
   ax.set_xscale("log")
   ax.xaxis.set_minor_formatter(ticker.NullFormatter())
+  lo, hi = ax.get_xlim()
+  if 0 < lo < hi < 30 * lo:
+    ax.xaxis.set_major_locator(ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+    ax.xaxis.set_major_formatter(ticker.FuncFormatter(
+        lambda v, _: f"{v:.0e}".replace("e+0", "e").replace("e+", "e")))
   ax.set_xlabel(xlabel)
   ax.set_ylabel(ylabel)
   ax.grid(True, which="both", alpha=0.2)
@@ -877,7 +895,7 @@ def plot_loss_by_width(frontiers: Frontiers, width_key: str = WIDTH):
   """One panel per width, one line per variant (its chosen run at that width)."""
   from matplotlib.figure import Figure
   from structattn import figures
-  cols = figures.colours(list(frontiers))
+  cols = colours(list(frontiers))
   widths = sorted({c.row.get(width_key) for cs in frontiers.values() for c in cs},
                   key=figures._sort_key)
   ncol = min(len(widths), 3) or 1
@@ -907,8 +925,7 @@ def plot_frontiers(bands: Mapping[str, Mapping[str, np.ndarray]], at: np.ndarray
   """Each variant's frontier with its bootstrap band, the shared points marked (and each
   variant's fitted law dashed)."""
   from matplotlib.figure import Figure
-  from structattn import figures
-  cols = figures.colours(list(bands))
+  cols = colours(list(bands))
   fig = Figure(figsize=(6.4, 4.4), layout="tight")
   ax = fig.subplots()
   ys = []
@@ -936,10 +953,9 @@ def plot_difference(comparison: Mapping[str, Any]):
   """Target minus each rival at the shared points: bootstrap intervals (bars) and +-1.96 seed
   standard errors (caps offset), a line at 0."""
   from matplotlib.figure import Figure
-  from structattn import figures
   at = np.asarray(comparison["at"], float)
   rivals = list(comparison["rivals"])
-  cols = figures.colours(comparison["variants"])
+  cols = colours(comparison["variants"])
   fig = Figure(figsize=(6.4, 4.0), layout="tight")
   ax = fig.subplots()
   ys = []
@@ -969,8 +985,7 @@ def plot_multiplier(multipliers: Mapping[str, Mapping[str, Any]]):
   """The compute multiplier vs compute with its interval per baseline; hollow markers where
   extrapolated with the baseline's fit; a line at 1."""
   from matplotlib.figure import Figure
-  from structattn import figures
-  cols = figures.colours([m["baseline"] for m in multipliers.values()] +
+  cols = colours([m["baseline"] for m in multipliers.values()] +
                          [m["target"] for m in multipliers.values()])
   fig = Figure(figsize=(6.4, 4.0), layout="tight")
   ax = fig.subplots()
