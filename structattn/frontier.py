@@ -73,9 +73,11 @@ Frontiers = Mapping[str, Sequence[fit_lib.Curve]]
 # ------------------------------------------------------------------------------ rows and runs
 
 def load_rows(root: str | os.PathLike) -> list[dict[str, Any]]:
-  """`results.collect(root)` with each row's absolute run directory as ``run_dir``."""
+  """`results.collect(root)` with each row's absolute run directory as ``run_dir``; runs a
+  study set aside because its protocol changed (``<name>.stale-N``) are left out."""
   root = Path(root)
-  return [dict(r, run_dir=str((root / r["run"]).resolve())) for r in results_lib.collect(root)]
+  return [dict(r, run_dir=str((root / r["run"]).resolve())) for r in results_lib.collect(root)
+          if ".stale-" not in Path(r["run"]).name]
 
 
 def _dir(row: Mapping[str, Any], root: str | os.PathLike | None) -> Path:
@@ -787,7 +789,8 @@ def lr_grid(rows: Iterable[Mapping[str, Any]], root: str | os.PathLike | None = 
   for v in sorted({c["variant"] for c in cells}, key=_variant_key):
     cs = [c for c in cells if c["variant"] == v]
     small, large = cs[0], cs[-1]
-    tested = len(small["losses"]) > 1 and len(large["losses"]) > 1 and small is not large
+    tested = (len(small["losses"]) > 1 and len(large["losses"]) > 1 and small is not large
+              and small["best_lr"] is not None and large["best_lr"] is not None)
     transfer[v] = {"smallest": small["width"], "largest": large["width"],
                    "best_smallest": small["best_lr"], "best_largest": large["best_lr"],
                    "agree": (small["best_lr"] == large["best_lr"]) if tested else None}
@@ -820,7 +823,8 @@ def lr_grid_table(rows: Iterable[Mapping[str, Any]] | Mapping[str, Any],
   for v, t in g["transfer"].items():
     if t["agree"] is None:
       why = (f"only width {t['smallest']} has runs" if t["smallest"] == t["largest"] else
-             f"fewer than two learning rates at width {t['smallest']} or {t['largest']}")
+             f"fewer than two finished learning rates at width {t['smallest']} or "
+             f"{t['largest']}")
       lines.append(f"- {v}: muP transfer not tested ({why}).")
     else:
       lines.append(f"- {v}: best lr {t['best_smallest']:.3g} at width {t['smallest']}, "

@@ -49,6 +49,7 @@ class StudySpec:
   extra_seeds: tuple[int, ...]
   d_head: int
   startup_seconds: float = 90.0  # per group, before its first step (for time estimates)
+  n_boot: int = 1000  # bootstrap resamples of the analysis
   max_extensions: int = 2
   lr_ratio: float = math.sqrt(10.0)  # between grid neighbours (extensions use it too)
 
@@ -110,7 +111,7 @@ SPECS = {
     "mini": StudySpec(
         name="mini", variants=("mha", "mlr"), widths=(32, 64), lrs=(3e-3, 1e-2), steps=12,
         long_steps=18, seed_width=32, seed_variants=("mha", "mlr"), extra_seeds=(1,),
-        d_head=16, max_extensions=0, startup_seconds=5.0),
+        d_head=16, max_extensions=0, startup_seconds=5.0, n_boot=50),
 }
 BASES = {"english": _english_base, "mini": _mini_base}
 

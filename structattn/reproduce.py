@@ -313,9 +313,11 @@ def _reproduce_study(scale, out: Path, parallel, vmap, overrides, analyze_only, 
                                   parallel=parallel, vmap=vmap, cache_dir=cache_dir,
                                   flops_of=lm_study.flops_of, startup=spec.startup_seconds)
     print(study_lib.describe(summary), end="")
-  result = analyze_lm_scaling(out / "runs", out)
+  from structattn import frontier
+  result = frontier.analyze(out / "runs", out, n_boot=spec.n_boot, fit_boot=spec.n_boot)
   result.update(scale=scale, points=summary["statuses"] or None, study=summary,
                 chosen_lr=lm_study.chosen_lrs(spec, out / "runs", overrides))
+  result["table"] = result.get("report", "")
   (out / "summary.json").write_text(json.dumps(result, indent=1, default=str))
   (out / "table.md").write_text(result.get("table", "") + "\n")
   return result

@@ -274,6 +274,9 @@ def set_aside_stale(runs: Path, points: Sequence[Point], log=print) -> list[str]
       while (runs / f"{name}.stale-{n}").exists():
         n += 1
       run.rename(runs / f"{name}.stale-{n}")
+      for group in runs.glob("group-*"):  # a vmapped group's shared checkpoints
+        if name in group.name[len("group-"):].split("+"):
+          group.rename(runs / f"{group.name}.stale-{n}")
       moved.append(name)
       log(f"study: {name} ran with another config; moved to {name}.stale-{n}")
   return moved
