@@ -314,7 +314,10 @@ def _reproduce_study(scale, out: Path, parallel, vmap, overrides, analyze_only, 
                                   flops_of=lm_study.flops_of, startup=spec.startup_seconds)
     print(study_lib.describe(summary), end="")
   from structattn import frontier
-  result = frontier.analyze(out / "runs", out, n_boot=spec.n_boot, fit_boot=spec.n_boot)
+  try:
+    result = frontier.analyze(out / "runs", out, n_boot=spec.n_boot, fit_boot=spec.n_boot)
+  except ValueError as e:  # too few finished runs yet: the study goes on next time
+    result = {"report": f"analysis not yet possible: {e}"}
   result.update(scale=scale, points=summary["statuses"] or None, study=summary,
                 chosen_lr=lm_study.chosen_lrs(spec, out / "runs", overrides))
   result["table"] = result.get("report", "")
