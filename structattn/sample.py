@@ -31,7 +31,8 @@ def load_run(workdir: str):
   path = Path(workdir)
   if not (path / "config.json").exists():
     raise FileNotFoundError(f"--workdir={workdir}: no config.json; is this a run directory?")
-  config = ml_collections.ConfigDict(json.loads((path / "config.json").read_text()))
+  from structattn.configs.renames import migrate_dict  # older run directories
+  config = ml_collections.ConfigDict(migrate_dict(json.loads((path / "config.json").read_text())))
   tokenizer = lm_data.tokenizer_for(config)
   _, model = build_model(config, tokenizer.vocab_size)
   graphdef, params_state, rest = nnx.split(model, nnx.Param, ...)
