@@ -39,6 +39,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from structattn.configs.renames import migrate_dict
+
 STATUSES = ("completed", "running", "failed", "pending", "unreadable")
 FIXED_COLUMNS = ("run", "status", "error")
 EVAL_METRICS = ("eval/loss", "eval/last_point_se")  # curve/eval_min uses the first present
@@ -160,7 +162,7 @@ def read_run(run_dir: str | os.PathLike, root: str | os.PathLike | None = None) 
   if err:
     errors.append(err)
   if isinstance(config, Mapping):
-    row.update(flatten(decode(dict(config))))
+    row.update(flatten(migrate_dict(decode(dict(config)))))  # older keys: current ones
   elif config is not None:
     errors.append(f"config.json: expected a JSON object, got {type(config).__name__}")
   if isinstance(result, Mapping):

@@ -6,18 +6,17 @@ import json
 import numpy as np
 import pytest
 
-from configs import icr as icr_configs
+from structattn.configs import icr as icr_configs
 from structattn import sweep as sweep_lib
 from structattn import train as train_lib
+from tests.helpers import small_icr
 
 
 def tiny(steps=40, seed=0, lr=1e-3, d=4, width=16, **icr):
-  c = icr_configs.get_config("tiny")
-  c.seed = seed
-  c.model.update(d_model=width, num_layers=1)
-  c.icr.update(d_input=d, **icr)
+  c = small_icr(seed=seed, width=width, d_input=d, **icr)
   c.train.update(steps=steps, lr=lr, warmup_steps=5, steps_per_call=8)
-  c.eval.update(every=20, num_prompts=64, batch_size=32)
+  c.eval_every = 20
+  c.eval.update(batches=2, batch_size=32)
   c.log_every, c.checkpoint_every, c.progress = 10, 20, False
   return c
 
@@ -89,7 +88,8 @@ def test_tiny_model_beats_the_zero_predictor(tmp_path):
   c = tiny(steps=400, d=4, width=32, lr=3e-3)
   c.model.num_layers = 2
   c.train.update(batch_size=256, parametrization="standard")
-  c.eval.update(every=400, num_prompts=256, batch_size=256)
+  c.eval_every = 400
+  c.eval.update(batches=1, batch_size=256)
   res = train_lib.train(c, str(tmp_path))
   assert res["final/eval_last_point_se"] < 0.85 * res["baseline/zero/last_point_se"]
   assert res["final/eval_mse"] < 0.85

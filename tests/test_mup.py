@@ -3,7 +3,7 @@ while the standard-parametrisation control (one learning rate for all) drifts.""
 
 import numpy as np
 
-from configs import lm as lm_configs
+from structattn.configs import lm as lm_configs
 from structattn.coord_check import coord_check
 
 

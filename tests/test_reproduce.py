@@ -7,7 +7,7 @@ import pytest
 from structattn import reproduce
 
 TOY = {"train.steps": 20, "train.steps_per_call": 10, "train.warmup_steps": 2,
-       "model.d_model": 16, "model.num_layers": 1, "eval.every": 10, "eval.num_prompts": 64,
+       "model.d_model": 16, "model.num_layers": 1, "eval_every": 10, "eval.batches": 1,
        "eval.batch_size": 64, "log_every": 10, "checkpoint_every": 20, "progress": False}
 
 
