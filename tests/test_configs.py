@@ -117,3 +117,26 @@ def test_older_run_directory_reads_in_results(tmp_path):
   (run / "result.json").write_text(json.dumps({"status": "completed"}))
   row = results.read_run(run, tmp_path)
   assert row["eval_every"] == 20 and row["eval.batches"] == 2 and "eval.every" not in row
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("module,expect", [
+    ("structattn.train", "lm:paper-{variant}-{width}"),
+    ("structattn.sweep", "icr:sweep-head-dim-{scale}"),
+    ("structattn.reproduce", "icr:sweep-head-dim-<scale>"),
+    ("structattn.results", "structattn-results runs/lm"),
+    ("structattn.fit_cli", "structattn-fit runs/lm"),
+    ("structattn.sample", "structattn-sample --workdir"),
+])
+def test_every_entry_point_helps_from_any_directory(module, expect, tmp_path):
+  """--help from a directory without a checkout: presets and a one-line example."""
+  import os
+  import subprocess
+  import sys
+  from pathlib import Path
+  root = Path(configs.__file__).resolve().parents[2]
+  env = dict(os.environ, PYTHONPATH=str(root), JAX_PLATFORMS="cpu")
+  out = subprocess.run([sys.executable, "-m", module, "--help"], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=300)
+  assert out.returncode in (0, 1), out.stderr[-2000:]  # absl's --help exits with 1
+  assert expect in out.stdout and "xample" in out.stdout

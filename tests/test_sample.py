@@ -9,7 +9,7 @@ from flax import nnx
 from structattn.configs import lm as lm_configs
 from structattn import sample as sample_lib
 from structattn.models.gpt import GPT, GPTConfig
-from tests.test_attention import randomise
+from tests.attention_cases import randomise
 
 
 def tiny_gpt(variant, pos="learned", seq_len=32):

@@ -306,6 +306,7 @@ def test_figures_written(sweep, tmp_path):
     assert p.stat().st_size > 1000 and head[:4] in (b"\x89PNG", b"%PDF")
 
 
+@pytest.mark.slow
 def test_notebook_executes(sweep, tmp_path, monkeypatch):
   nbformat = pytest.importorskip("nbformat")
   nbclient = pytest.importorskip("nbclient")

@@ -133,6 +133,7 @@ def test_parameters_and_optimizer_state_follow_logical_axes():
 
 
 @pytest.mark.parametrize("variant", ["mha", "mlr"])
+@pytest.mark.slow
 def test_sharded_loss_equals_single_device(variant):
   c = model_config(variant)
   data = batches(5)
@@ -166,6 +167,7 @@ def collectives(hlo_text):
 
 
 @pytest.mark.parametrize("variant", ["mlr", "swa"])
+@pytest.mark.slow
 def test_attention_stays_local_to_its_shard(variant):
   """Batch over (data, fsdp), heads over tensor, T unsharded: the compiled train step has no
   collective of a TxT tensor, nor of any q/k/v/score-like tensor (rank >= 4 with a T axis);
@@ -204,6 +206,7 @@ def lm_run_config(corpus, steps, mesh=(1, 1, 1), devices=0):
   return c
 
 
+@pytest.mark.slow
 def test_checkpoint_restores_on_another_mesh_and_training_continues(corpus, tmp_path):
   """A run on 8 devices (data 2, fsdp 4), restarted from its step-5 checkpoint on a 4-device
   sub-mesh (data only) and on 8 devices with data parallelism only (fsdp -> data): both end
@@ -228,6 +231,7 @@ def test_checkpoint_restores_on_another_mesh_and_training_continues(corpus, tmp_
   assert [r["step"] for r in rows] == [1, 5, 10]
 
 
+@pytest.mark.slow
 def test_batch_fn_path_and_vmapped_group_on_a_mesh(tmp_path):
   """In-context regression (prompts drawn on device) as a vmapped group of two members on a
   (4, 1, 2) mesh equals the same group unsharded."""
@@ -276,6 +280,7 @@ def test_manager_restores_onto_given_shardings(tmp_path):
     assert int(o["count"]) == 3
 
 
+@pytest.mark.slow
 def test_two_processes_resume_exactly(corpus, tmp_path):
   """The multi-host path on one machine: two processes (jax.distributed with explicit
   coordinator flags, gloo CPU collectives) x 2 devices, mesh data 2 x tensor 2 (tensor within

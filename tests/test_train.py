@@ -30,6 +30,7 @@ def tiny_config(tmp_corpus, variant="mha", steps=30):
 
 
 @pytest.mark.parametrize("variant", ["mha", "mlr"])
+@pytest.mark.slow
 def test_tiny_training_lowers_loss_and_writes_rundir(corpus, tmp_path, variant):
   config = tiny_config(corpus, variant)
   result = train_lib.train(config, str(tmp_path))
@@ -82,6 +83,7 @@ def _run_cli(workdir, corpus, extra=(), kill_after_step=None):
   proc.wait()
 
 
+@pytest.mark.slow
 def test_kill_and_resume_matches_uninterrupted(corpus, tmp_path):
   full, resumed = tmp_path / "full", tmp_path / "resumed"
   _run_cli(full, corpus)
@@ -99,6 +101,7 @@ def test_kill_and_resume_matches_uninterrupted(corpus, tmp_path):
   assert steps == sorted(set(steps))  # no duplicated rows after the resume
 
 
+@pytest.mark.slow
 def test_mlbtc_preset_trains(corpus, tmp_path):
   """The general family from a preset: global BTT plus two nested low-rank block levels."""
   config = tiny_config(corpus, "mlbtc", steps=3)
@@ -123,6 +126,7 @@ def test_bad_override_and_unknown_preset(corpus, tmp_path):
     train_lib.train(config, str(tmp_path))
 
 
+@pytest.mark.slow
 def test_corrupt_checkpoint_is_reported(corpus, tmp_path):
   from structattn.checkpoint import CorruptCheckpointError
   config = tiny_config(corpus, steps=10)
@@ -135,6 +139,7 @@ def test_corrupt_checkpoint_is_reported(corpus, tmp_path):
     train_lib.train(config, str(tmp_path))
 
 
+@pytest.mark.slow
 def test_grad_accumulation_matches_one_big_batch(corpus, tmp_path):
   a = tiny_config(corpus, steps=3)
   b = tiny_config(corpus, steps=3)
@@ -144,6 +149,7 @@ def test_grad_accumulation_matches_one_big_batch(corpus, tmp_path):
   np.testing.assert_allclose(ra["final/train_loss"], rb["final/train_loss"], rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_with_a_final_checkpoint(corpus, tmp_path):
   config = tiny_config(corpus, steps=40)
   config.train.update(lr=1e38, warmup_steps=0, clip_norm=0.0)  # overflows to inf, then NaN
