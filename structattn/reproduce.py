@@ -292,8 +292,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   p = argparse.ArgumentParser(
       prog="structattn-reproduce", description=__doc__.split("\n")[0],
       formatter_class=argparse.RawDescriptionHelpFormatter,
-      epilog="example:\n  structattn-reproduce icr-head-dim --scale=tiny --workdir=runs/icr-head-dim"
-      "\n\nfigures and the config presets they run:\n" + "\n".join(
+      epilog="example:\n  structattn-reproduce icr-head-dim --scale=tiny "
+      "--workdir=runs/icr-head-dim\n\nfigures and the config presets they run:\n" + "\n".join(
           f"  {f:15s} {file.removesuffix('.py')}:{preset}-<scale>"
           for f, (file, preset, _) in FIGURES.items()))
   p.add_argument("figure", choices=sorted(FIGURES))
