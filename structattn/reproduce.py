@@ -6,16 +6,15 @@
 Figures (`FIGURES`):
   icr-head-dim    in-context regression, finding (a): MHA's last-point error against its head
                   dim r = D / heads, one line per d_input; the error falls only once r
-                  approaches d_input.  (configs/icr.py:sweep-head-dim-<scale>)
+                  approaches d_input.  (icr:sweep-head-dim-<scale>)
   icr-compute     in-context regression, finding (b): last-point error against forward
                   compute for MHA, bilinear BTT and bilinear MLR at several widths; the
-                  structured variants below MHA at equal compute. (configs/icr.py:
-                  sweep-compute-<scale>)
+                  structured variants below MHA at equal compute. (icr:sweep-compute-<scale>)
   lm-scaling      language modelling: held-out loss against non-embedding compute per width
                   and combined, the compute frontier per variant with fitted power laws.
-                  (configs/lm.py:sweep-scaling-<scale>)
+                  (lm:sweep-scaling-<scale>)
   forecast-table  forecasting: test MSE / MAE per dataset, horizon and variant, mean and std
-                  over seeds. (configs/forecast.py:sweep-table-<scale>)
+                  over seeds. (forecast:sweep-table-<scale>)
 
 The sweep goes to WORKDIR/runs (finished points are skipped, so re-running only redraws),
 figures (PNG and PDF), `summary.json` and a markdown table to WORKDIR.
@@ -24,7 +23,6 @@ figures (PNG and PDF), `summary.json` and a markdown table to WORKDIR.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import math
 import sys
@@ -36,21 +34,10 @@ import numpy as np
 from structattn import results as results_lib
 
 
-def configs_dir() -> Path:
-  """The configs/ directory: ./configs if present, else the one beside the package."""
-  for d in (Path.cwd() / "configs", Path(__file__).resolve().parents[1] / "configs"):
-    if d.is_dir():
-      return d
-  raise FileNotFoundError("configs/ not found in the working directory or beside the package; "
-                          "run from a checkout of the repository")
-
-
-def load_preset(file: str, preset: str):
-  path = configs_dir() / file
-  spec = importlib.util.spec_from_file_location(f"structattn_configs_{path.stem}", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(preset)
+def load_preset(name: str, preset: str):
+  """The package config `name` ('icr.py' or 'icr', 'lm', 'forecast') at `preset`."""
+  from structattn import configs
+  return configs.load(f"{name.removesuffix('.py')}:{preset}")
 
 
 def _finite(v) -> bool:
@@ -340,7 +327,13 @@ def _parse_set(items: Sequence[str]) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  p = argparse.ArgumentParser(prog="structattn-reproduce", description=__doc__.split("\n")[0])
+  p = argparse.ArgumentParser(
+      prog="structattn-reproduce", description=__doc__.split("\n")[0],
+      formatter_class=argparse.RawDescriptionHelpFormatter,
+      epilog="example:\n  structattn-reproduce icr-head-dim --scale=tiny "
+      "--workdir=runs/icr-head-dim\n\nfigures and the config presets they run:\n" + "\n".join(
+          f"  {f:15s} {file.removesuffix('.py')}:{preset}-<scale>"
+          for f, (file, preset, _) in FIGURES.items()))
   p.add_argument("figure", choices=sorted(FIGURES))
   p.add_argument("--scale", default="tiny", choices=SCALES + STUDY_SCALES)
   p.add_argument("--workdir", default=None, help="default runs/<figure>-<scale>")

@@ -244,7 +244,7 @@ def run_study(plan: Plan, workdir: str | os.PathLike, *, time_limit: float | Non
 
 
 # Config fields that may differ between machines without changing a run's result.
-MACHINE_FIELDS = ("data.corpus_dir", "data.data_dir", "progress")
+MACHINE_FIELDS = ("data.corpus_dir", "data.tfds_dir", "data.data_dir", "progress")
 
 
 def stale(run_dir: Path, config: ml_collections.ConfigDict) -> bool:

@@ -1,7 +1,7 @@
 """Train any task: one pure train step, jitted once; the loop logs, evals, checkpoints.
 
-    structattn-train --config=configs/lm.py:tiny --workdir=runs/tiny [--config.a.b=v ...]
-    python -m structattn.train --config=configs/lm.py:paper-mlr-512 --workdir=runs/mlr512
+    structattn-train --config=lm:tiny --workdir=runs/tiny [--config.a.b=v ...]
+    python -m structattn.train --config=lm:paper-mlr-512 --workdir=runs/mlr512
 
 The same command in the same workdir resumes from the last checkpoint (params, optimiser
 state, step and the data iterator's position), so a killed run loses nothing.
@@ -30,6 +30,7 @@ import optax
 from flax import nnx
 
 from structattn import checkpoint as ckpt_lib
+from structattn import configs as configs_lib
 from structattn import rundir as rundir_lib
 from structattn import sharding as sharding_lib
 from structattn import tasks as tasks_lib
@@ -282,6 +283,7 @@ def train_group(configs, workdirs, group_dir: str | None = None) -> list[dict[st
 
 
 def _run(configs, workdirs, vmapped: bool, group_dir: str | None = None):
+  configs = [configs_lib.migrate(c) for c in configs]  # older config keys (README: Configs)
   for c in configs:
     validate(c)
   t_start = time.time()
@@ -411,7 +413,7 @@ def _run(configs, workdirs, vmapped: bool, group_dir: str | None = None):
   if config.get("progress", True) and rds[0].writer:
     from tqdm.auto import tqdm
     bar = tqdm(total=steps, initial=step, desc="train", dynamic_ncols=True)
-  log_every, eval_every = int(config.log_every), int(config.eval.every)
+  log_every, eval_every = int(config.log_every), int(config.eval_every)
   ckpt_every, per_call = int(config.checkpoint_every), int(config.train.get("steps_per_call", 1))
 
   def event(s):  # steps after which the host must see the state
@@ -436,7 +438,7 @@ def _run(configs, workdirs, vmapped: bool, group_dir: str | None = None):
       step += n
       window_steps += n
       is_last = step == steps
-      # An eval step is also a log step, so `eval.every` need not be a multiple of log_every.
+      # An eval step is also a log step, so `eval_every` need not be a multiple of log_every.
       if step % log_every == 0 or step % eval_every == 0 or is_last or step == 1:
         metrics = jax.device_get(metrics)
         dt = (time.time() - window_t) / window_steps
@@ -533,10 +535,11 @@ def _run(configs, workdirs, vmapped: bool, group_dir: str | None = None):
 
 def main(argv=None):
   from absl import app, flags, logging
-  from ml_collections import config_flags
 
-  config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/lm.py:tiny.",
-                                  lock_config=True)
+  from structattn import configs
+  configs.define_flag("config", example="lm:tiny", lock_config=True)
+  configs.set_usage(__doc__, "structattn-train --config=lm:tiny --workdir=runs/tiny "
+                    "--config.train.steps=100")
   flags.DEFINE_string("workdir", None, "Run directory (created; resumed if it has checkpoints).")
   flags.DEFINE_string("compilation_cache", "~/.cache/structattn/jax", "Persistent JAX "
                       "compilation cache directory ('' to disable).")

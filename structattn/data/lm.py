@@ -219,9 +219,9 @@ def lm_data(*, corpus: str = "shakespeare", tokenizer: str = "char96", seq_len: 
   num_eval_batches None or 0: every full batch of the validation split).
 
   Arguments mirror the config fields data.corpus, data.tokenizer, data.val_fraction,
-  data.data_dir (None or '': `text.default_data_dir()`), data.text_key, data.tfds_name
-  (when set, overrides corpus: see `text.corpus_spec`), data.corpus_dir (the folder of a
-  named corpus such as 'english'); batch sizes are per host.
+  data.tfds_dir (as `data_dir`; None or '': `text.default_data_dir()`), data.text_key,
+  data.tfds_name (when set, overrides corpus: see `text.corpus_spec`), data.corpus_dir (the
+  folder of a named corpus such as 'english'); batch sizes are per host.
   """
   tok = get_tokenizer(tokenizer)
   corpus = corpus_spec(corpus, tfds_name)

