@@ -116,6 +116,17 @@ def test_plan_stages_follow_the_grid(tmp_path):
   assert sorted(c.seed for _, c in stages[3]) == [1, 1]
 
 
+def test_every_planned_point_has_a_valid_attention_spec(tmp_path):
+  from structattn.attention import from_config
+  for scale in reproduce.STUDY_SCALES:
+    spec = lm_study.spec_for(scale)
+    for v in spec.variants:  # every width, as the later stages plan them
+      for w in spec.widths:
+        _, c = lm_study.point(spec, v, w, spec.lrs[0], spec.steps)
+        s = from_config(c.attention.to_dict(), d_model=c.model.d_model, seq_len=c.model.seq_len)
+        assert s.d_model == w and c.attention.num_heads * spec.d_head == w
+
+
 def test_edge_of_grid_extends_it(tmp_path):
   spec = lm_study.spec_for("english")
   names = [n for n, _ in lm_study.plan(spec, tmp_path)[0] if "variant=mha," in n]
@@ -175,8 +186,8 @@ def test_mini_study_end_to_end_twice(tmp_path, capsys):
   assert reproduce.main(["lm-scaling", "--scale=mini", f"--workdir={elsewhere}",
                          f"--archive={work / 'runs.tar.gz'}"]) == 0
   assert json.loads((elsewhere / "summary.json").read_text())["study"]["ran"] == []
-  from structattn import fit, results
+  from structattn import fit_cli, results
   assert results.main([str(elsewhere / "runs"), f"--out={tmp_path / 'table'}"]) == 0
   assert (tmp_path / "table.csv").is_file()
-  assert fit.main([str(elsewhere / "runs"), f"--out={tmp_path / 'fit'}"]) == 0
+  assert fit_cli.main([str(elsewhere / "runs"), f"--out={tmp_path / 'fit'}"]) == 0
   capsys.readouterr()
