@@ -34,6 +34,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from structattn import results as results_lib
+from structattn.runtime import DEFAULT_CACHE
 
 
 def configs_dir() -> Path:
@@ -259,7 +260,7 @@ def scales_for(figure: str) -> tuple[str, ...]:
 
 def reproduce(figure: str, scale: str, workdir: str, parallel: int = 1, vmap: bool = True,
               overrides: Mapping[str, Any] | None = None, analyze_only: bool = False,
-              cache_dir: str | None = "~/.cache/structattn/jax",
+              cache_dir: str | None = DEFAULT_CACHE,
               only: Sequence[str] = ()) -> dict[str, Any]:
   """Run the figure's sweep (unless analyze_only), then its analysis; returns the summary."""
   if figure not in FIGURES:

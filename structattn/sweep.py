@@ -32,7 +32,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import ml_collections
 
-DEFAULT_CACHE = "~/.cache/structattn/jax"
+from structattn.runtime import DEFAULT_CACHE, enable_compilation_cache
 
 
 # ------------------------------------------------------------------------ building sweeps
@@ -157,15 +157,6 @@ def _worker_init(mem_fraction: float | None, cache_dir: str | None) -> None:
   if mem_fraction:
     os.environ["XLA_PYTHON_CLIENT_MEM_FRACTION"] = f"{mem_fraction:.3f}"
   enable_compilation_cache(cache_dir)
-
-
-def enable_compilation_cache(cache_dir: str | None = DEFAULT_CACHE) -> None:
-  """Turn on JAX's persistent compilation cache (no-op for None or '')."""
-  if not cache_dir:
-    return
-  import jax
-  jax.config.update("jax_compilation_cache_dir", str(Path(cache_dir).expanduser()))
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 
 def groups(pts: Sequence[tuple[str, ml_collections.ConfigDict]], vmap: bool) -> list[list[int]]:
