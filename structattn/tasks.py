@@ -7,6 +7,10 @@ accounting.  `structattn.train.train(config, workdir)` runs any registered task:
 
     setup = tasks.build(config)          # dispatches on config.task ('lm' | 'icr' | 'forecast')
 
+Each task lives in its own package (`structattn.lm`, `structattn.icr`, `structattn.forecast`)
+and imports this module, never the loop.  The loop builds each setup once; a setup that
+depends on the run length computes it with `train_steps` (a compute budget sets it).
+
 Data comes either as a checkpointable host iterator (`train_batches`: `next()`,
 `get_state()` -> JSON-able, `set_state(state)`), or as a pure, jittable
 `batch_fn(seed, step) -> batch` that the loop fuses into the compiled step (in-context

@@ -390,7 +390,8 @@ class Group:
     p0 = nnx.to_pure_dict(params_state)
     o0 = self.tx.init(p0)
     self.p_sh = self.layout.param_shardings(params_state, lead=1)
-    lead = functools.partial(jax.tree.map, lambda x: jax.ShapeDtypeStruct((1, *x.shape), x.dtype))
+    def lead(tree):
+      return jax.tree.map(lambda x: jax.ShapeDtypeStruct((1, *x.shape), x.dtype), tree)
     self.o_sh = self.layout.shardings_like(lead(o0), lead(p0), self.p_sh)
     p_sh0 = self.layout.param_shardings(params_state)
     self.member_sh = {"params": p_sh0, "opt_state": self.layout.shardings_like(o0, p0, p_sh0),
@@ -407,11 +408,22 @@ class Group:
       return setup.eval_metrics(params, self.graphdef, self.rest, batch)
     self.eval_fn = jax.jit(self.layout.traced(over_members(one_eval, self.size, (0, 0))))
     self.eval_batches = self.place_batches([s.eval_batches for s in setups])
-    self.test_batches = None if setup.test_batches is None else \
-        self.place_batches([s.test_batches for s in setups])
 
   def place_batches(self, per_member):
+    """Each member's batches, stacked over members and placed on the mesh."""
     return [self.layout.put_batch(_stack(bs), lead=1) for bs in zip(*per_member)]
+
+  def evaluate(self, params, batches, prefix="eval"):
+    return evaluate(self.eval_fn, params, batches, [m.setup.summarize for m in self.members],
+                    prefix=prefix, fetch=self.layout.fetch)
+
+  def test(self, state: RunState) -> list[dict]:
+    """Each member's test metrics (with its best-validation parameters when selecting), or
+    nothing when the task has no test split."""
+    if self.members[0].setup.test_batches is None:
+      return [{} for _ in self.members]
+    batches = self.place_batches([m.setup.test_batches for m in self.members])
+    return self.evaluate(state.best if self.select else state.params, batches, prefix="test")
 
   def init_state(self, setups) -> RunState:
     params = [nnx.to_pure_dict(nnx.split(s.model, nnx.Param, ...)[1]) for s in setups]
@@ -429,12 +441,10 @@ class Group:
     return jax.jit(lambda t: [jax.tree.map(lambda x: x[i], t) for i in range(self.size)],
                    out_shardings=[sh] * self.size)
 
-  @functools.cached_property
-  def _join(self):  # one tree per member -> group arrays
+  def _join(self, trees):  # one tree per member -> group arrays
     sh = {"params": self.p_sh, "opt_state": self.o_sh, "best": self.p_sh}
-    return lambda trees: jax.jit(
-        lambda ts: jax.tree.map(lambda *xs: jnp.stack(xs), *ts),
-        out_shardings={k: sh[k] for k in trees[0]})(trees)
+    return jax.jit(lambda ts: jax.tree.map(lambda *xs: jnp.stack(xs), *ts),
+                   out_shardings={k: sh[k] for k in trees[0]})(trees)
 
   @functools.cached_property
   def keep_best(self):
@@ -533,33 +543,23 @@ def _run(configs, workdirs, legacy_dir: Path | None = None):
                    units_per_step=m.setup.units_per_step, **{
                        "train/steps": g.steps, "train/compute_budget": float(
                            m.config.train.get("compute_budget", 0) or 0)})
-  c = configs[0]
-  log_every, eval_every, ckpt_every = int(c.log_every), int(c.eval.every), int(c.checkpoint_every)
-  bar = _progress(c, rundirs[0], g.steps, state.step)
-  window = [time.time(), 0]  # start time and steps of the current timing window
+  every = Every.of(configs[0])
+  bar, window = _progress(configs[0], rundirs[0], g.steps, state.step), _Window()
   try:
     _fail_if_all_failed(state)
     while state.step < g.steps:
-      n = _call_length(state.step, g.feed.per_call, g.steps, (log_every, eval_every, ckpt_every))
+      n = every.call_length(state.step, g.feed.per_call)
       state.params, state.opt_state, metrics = g.step_fn(
           state.params, state.opt_state, *g.feed.args(state.step, n))
       state.step += n
-      window[1] += n
-      is_last = state.step == g.steps
-      # An eval step is also a log step, so `eval.every` need not be a multiple of log_every.
-      if state.step % log_every == 0 or state.step % eval_every == 0 or is_last or \
-          state.step == 1:
-        dt, window[:] = (time.time() - window[0]) / window[1], [time.time(), 0]
-        evals = evaluate(g.eval_fn, state.params, g.eval_batches,
-                         [m.setup.summarize for m in g.members], fetch=g.layout.fetch) \
-            if state.step % eval_every == 0 or is_last else None
-        _log(g, state, jax.device_get(metrics), evals, dt, t_start)
+      window.add(n)
+      bar.update(n)
+      if every.log(state.step):
+        evals = g.evaluate(state.params, g.eval_batches) if every.eval(state.step) else None
+        _log(g, state, jax.device_get(metrics), evals, window.per_step(), t_start)
         _fail_if_all_failed(state)
-        if bar is not None:
-          bar.set_postfix(loss=f"{state.members[0].last_loss:.4g}")
-      if bar is not None:
-        bar.update(n)
-      if state.step % ckpt_every == 0 or is_last:
+        bar.set_postfix(loss=f"{state.members[0].last_loss:.4g}")
+      if every.save(state.step):
         g.save(state)
   except NonFiniteLoss as e:
     g.save(state, force=True)
@@ -568,28 +568,61 @@ def _run(configs, workdirs, legacy_dir: Path | None = None):
                      f"step {state.step}", wall_time_s=time.time() - t_start)
     raise
   finally:
-    if bar is not None:
-      bar.close()
+    bar.close()
     g.close()
-  tests = [{}] * g.size if g.test_batches is None else evaluate(
-      g.eval_fn, state.best if g.select else state.params, g.test_batches,
-      [m.setup.summarize for m in g.members], prefix="test", fetch=g.layout.fetch)
-  for m, ms, test in zip(g.members, state.members, tests):
+  for m, ms, test in zip(g.members, state.members, g.test(state)):
     if not ms.failed:  # a failed member's result already says why
       m.write_result(**_final(m, ms, state.step, g.select), **test,
                      wall_time_s=time.time() - t_start, finished=rundir_lib.now())
   return [m.result for m in g.members]
 
 
-def _call_length(step: int, per_call: int, steps: int, intervals) -> int:
-  """Optimiser steps in the next compiled call: up to `per_call`, ending at the next step
-  after which the host must see the state (a log, eval or checkpoint step, or the last)."""
-  def event(s):
-    return s == 1 or s == steps or any(s % k == 0 for k in intervals)
-  n = 1
-  while n < per_call and step + n < steps and not event(step + n):
-    n += 1
-  return n
+@dataclasses.dataclass(frozen=True)
+class Every:
+  """After which steps the host logs, evaluates and checkpoints (always after the first and
+  the last).  An eval step is also a log step, so eval.every need not divide log_every."""
+  steps: int
+  log_every: int
+  eval_every: int
+  ckpt_every: int
+
+  @classmethod
+  def of(cls, config) -> "Every":
+    return cls(int(config.train.steps), int(config.log_every), int(config.eval.every),
+               int(config.checkpoint_every))
+
+  def log(self, s: int) -> bool:
+    return s == 1 or s == self.steps or s % self.log_every == 0 or s % self.eval_every == 0
+
+  def eval(self, s: int) -> bool:
+    return s == self.steps or s % self.eval_every == 0
+
+  def save(self, s: int) -> bool:
+    return s == self.steps or s % self.ckpt_every == 0
+
+  def call_length(self, step: int, per_call: int) -> int:
+    """Optimiser steps in the next compiled call: up to `per_call`, ending at the next step
+    after which the host must see the state."""
+    n = 1
+    while n < per_call and step + n < self.steps and not (
+        self.log(step + n) or self.save(step + n)):
+      n += 1
+    return n
+
+
+class _Window:
+  """Wall time per optimiser step since the last logged step."""
+
+  def __init__(self):
+    self.start, self.steps = time.time(), 0
+
+  def add(self, n: int) -> None:
+    self.steps += n
+
+  def per_step(self) -> float:
+    now = time.time()
+    dt, self.start, self.steps = (now - self.start) / max(self.steps, 1), now, 0
+    return dt
 
 
 def _log(g: Group, state: RunState, metrics, evals, dt: float, t_start: float) -> None:
@@ -643,9 +676,21 @@ def _final(m: Member, ms: MemberState, step: int, select: str | None) -> dict[st
   return out
 
 
+class _NoBar:
+  def update(self, n):
+    pass
+
+  def set_postfix(self, **kwargs):
+    pass
+
+  def close(self):
+    pass
+
+
 def _progress(config, rundir, steps: int, step: int):
+  """A tqdm bar on process 0 when config.progress is on (the default)."""
   if not (config.get("progress", True) and rundir.writer):
-    return None
+    return _NoBar()
   from tqdm.auto import tqdm
   return tqdm(total=steps, initial=step, desc="train", dynamic_ncols=True)
 
