@@ -142,13 +142,10 @@ def run_points(configs: Sequence[dict], workdirs: Sequence[str], vmapped: bool) 
   """Run one point (or one vmapped group); returns each member's final status.  Failures
   are recorded in the member's run directory, never raised."""
   from structattn import train as train_lib
+  del vmapped  # a point is a group of one; `groups` decides which points share a group
   cfgs = [ml_collections.ConfigDict(c) for c in configs]
   try:
-    if vmapped and len(cfgs) > 1:
-      results = train_lib.train_group(cfgs, list(workdirs))
-    else:
-      results = [train_lib.train(cfgs[0], workdirs[0])]
-    return [str(r.get("status")) for r in results]
+    return [str(r.get("status")) for r in train_lib.train_group(cfgs, list(workdirs))]
   except Exception as e:  # noqa: BLE001  (a failing point must not stop the sweep)
     return [_record_failure(Path(w), e) for w in workdirs]
 
