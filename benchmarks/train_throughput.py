@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from configs import lm as lm_configs
+from structattn.configs import lm as lm_configs
 from structattn import flops as flops_lib
 from structattn import profiling
 from structattn import sharding

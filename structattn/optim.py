@@ -1,6 +1,6 @@
 """AdamW with muP per-parameter learning rates, schedules and clipping (optax).
 
-muP (SPEC section 3): a matrix parameter with fan-in n gets learning rate lr * base_width / n;
+muP (see the README): a matrix parameter with fan-in n gets learning rate lr * base_width / n;
 embeddings, positions, LayerNorm weights and biases (no `fan_in` metadata) get lr.  Inits
 (N(0, 1/fan_in), zero output projections) live in the modules.  `parametrization='standard'`
 gives every parameter the same lr (the control in the muP coordinate check).

@@ -1,7 +1,7 @@
 """Config sweeps: run every point of a sweep preset, skipping finished ones.
 
-    structattn-sweep --config=configs/icr.py:sweep-head-dim-tiny --workdir=runs/icr-a
-    structattn-sweep --config=configs/lm.py:sweep-scaling-paper --workdir=runs/lm \\
+    structattn-sweep --config=icr:sweep-head-dim-tiny --workdir=runs/icr-a
+    structattn-sweep --config=lm:sweep-scaling-paper --workdir=runs/lm \\
         --parallel=2 --vmap --dry_run
 
 A sweep preset is a config with a `sweep` field: a list of override sets, each a dict of
@@ -96,7 +96,7 @@ def points(config: ml_collections.ConfigDict) -> list[tuple[str, ml_collections.
   """(name, config) per sweep point, in order; names must be unique."""
   if "sweep" not in config or not config.sweep:
     raise ValueError("config has no `sweep` list: use a sweep preset such as "
-                     "configs/lm.py:sweep-scaling-tiny")
+                     "lm:sweep-scaling-tiny")
   base = ml_collections.ConfigDict(config.to_dict())
   sweep = [dict(o) for o in base.sweep]
   del base["sweep"]
@@ -217,10 +217,11 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str, parallel: int = 1
 
 def main(argv=None):
   from absl import app, flags, logging
-  from ml_collections import config_flags
 
-  config_flags.DEFINE_config_file("config", None, "Sweep preset, e.g. configs/icr.py:"
-                                  "sweep-head-dim-tiny.", lock_config=False)
+  from structattn import configs
+  configs.define_flag("config", example="icr:sweep-head-dim-tiny", lock_config=False)
+  configs.set_usage(__doc__, "structattn-sweep --config=icr:sweep-head-dim-tiny "
+                    "--workdir=runs/icr-a --parallel=2")
   flags.DEFINE_string("workdir", None, "Sweep directory (one run directory per point).")
   flags.DEFINE_integer("parallel", 1, "Points run at once (worker processes).")
   flags.DEFINE_bool("dry_run", False, "List the points and their status; run nothing.")

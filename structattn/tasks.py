@@ -74,7 +74,8 @@ def build(config: ml_collections.ConfigDict) -> TaskSetup:
   if name not in TASKS:
     raise ValueError(f"task={name!r} is invalid: allowed values are {sorted(TASKS)}")
   module, fn = TASKS[name].split(":")
-  return getattr(importlib.import_module(module), fn)(config)
+  from structattn.configs.renames import migrate  # configs with the older keys
+  return getattr(importlib.import_module(module), fn)(migrate(config))
 
 
 def train_steps(config: ml_collections.ConfigDict, macs_per_step: float) -> int:

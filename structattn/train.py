@@ -1,7 +1,7 @@
 """Train any task: one pure train step, jitted once; the loop logs, evals, checkpoints.
 
-    structattn-train --config=configs/lm.py:tiny --workdir=runs/tiny [--config.a.b=v ...]
-    python -m structattn.train --config=configs/lm.py:paper-mlr-512 --workdir=runs/mlr512
+    structattn-train --config=lm:tiny --workdir=runs/tiny [--config.a.b=v ...]
+    python -m structattn.train --config=lm:paper-mlr-512 --workdir=runs/mlr512
 
 The same command in the same workdir resumes from the last checkpoint (params, optimiser
 state, step, best-so-far and the data iterator's position), so a killed run loses nothing.
@@ -36,6 +36,7 @@ import optax
 from flax import nnx
 
 from structattn import checkpoint as ckpt_lib
+from structattn import configs as configs_lib
 from structattn import hardware
 from structattn import rundir as rundir_lib
 from structattn import runtime
@@ -522,6 +523,7 @@ def train_group(configs, workdirs, group_dir: str | None = None) -> list[dict[st
 
 
 def _run(configs, workdirs, legacy_dir: Path | None = None):
+  configs = [configs_lib.migrate(c) for c in configs]  # older config keys (README: Configs)
   for c in configs:
     validate(c)
   check_group(configs)
@@ -580,7 +582,7 @@ def _run(configs, workdirs, legacy_dir: Path | None = None):
 @dataclasses.dataclass(frozen=True)
 class Every:
   """After which steps the host logs, evaluates and checkpoints (always after the first and
-  the last).  An eval step is also a log step, so eval.every need not divide log_every."""
+  the last).  An eval step is also a log step, so eval_every need not divide log_every."""
   steps: int
   log_every: int
   eval_every: int
@@ -588,7 +590,7 @@ class Every:
 
   @classmethod
   def of(cls, config) -> "Every":
-    return cls(int(config.train.steps), int(config.log_every), int(config.eval.every),
+    return cls(int(config.train.steps), int(config.log_every), int(config.eval_every),
                int(config.checkpoint_every))
 
   def log(self, s: int) -> bool:
@@ -700,10 +702,11 @@ def _progress(config, rundir, steps: int, step: int):
 
 def main(argv=None):
   from absl import app, flags, logging
-  from ml_collections import config_flags
 
-  config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/lm.py:tiny.",
-                                  lock_config=True)
+  from structattn import configs
+  configs.define_flag("config", example="lm:tiny", lock_config=True)
+  configs.set_usage(__doc__, "structattn-train --config=lm:tiny --workdir=runs/tiny "
+                    "--config.train.steps=100")
   flags.DEFINE_string("workdir", None, "Run directory (created; resumed if it has checkpoints).")
   flags.DEFINE_string("compilation_cache", runtime.DEFAULT_CACHE, "Persistent JAX "
                       "compilation cache directory ('' to disable).")

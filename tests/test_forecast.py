@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from configs import forecast as fc_configs
+from structattn.configs import forecast as fc_configs
 from structattn import tasks as tasks_lib
 from structattn.results import flatten
 from structattn import train as train_lib
@@ -264,7 +264,7 @@ def test_presets_and_sweeps():
   assert fc_configs.get_config("illness-60").data.seq_len == 104
   for name in ("etth1-96", "illness-24", "exchange-720", "vic_elec-96"):
     p = fc_configs.get_config(name)  # device batches, an epoch per call, validated per epoch
-    assert p.data.pipeline == "device" and p.train.steps_per_call == p.eval.every == p.log_every
+    assert p.data.pipeline == "device" and p.train.steps_per_call == p.eval_every == p.log_every
     assert p.train.steps_per_call * p.train.batch_size >= fc_configs.train_windows(
         p.data.dataset, p.data.seq_len, p.data.horizon)
   with pytest.raises(ValueError, match="unknown preset"):
@@ -450,7 +450,7 @@ def test_step_decay_is_patchtsts_type3_schedule():
   from structattn import optim
   c = fc_configs.get_config("etth1-96-mha")
   c.train.schedule = "step_decay"
-  e = c.eval.every  # steps per epoch
+  e = c.eval_every  # steps per epoch
   lr = optim.schedule(c.train)
   for epoch, want in ((1, 1.0), (4, 1.0), (5, 0.9), (6, 0.81), (30, 0.9 ** 26)):
     for step in ((epoch - 1) * e, epoch * e - 1):

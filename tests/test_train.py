@@ -13,22 +13,18 @@ import jax
 import numpy as np
 import pytest
 
-from configs import lm as lm_configs
 from structattn import train as train_lib
+from structattn.configs import lm as lm_configs
+from tests.helpers import on_corpus, small_lm
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def tiny_config(tmp_corpus, variant="mha", steps=30):
-  c = lm_configs.get_config(f"tiny-{variant}")
-  c.data.corpus = str(tmp_corpus)
-  c.data.data_dir = str(tmp_corpus.parent / "tfds")
-  c.model.update(d_model=32, num_layers=2, seq_len=64, dtype="float32")
-  c.attention.num_heads = 2
-  c.attention.mlr_ranks = (8, 4, 2, 2)
-  c.attention.window = 16
+  c = on_corpus(small_lm(variant), tmp_corpus)
   c.train.update(steps=steps, batch_size=8, lr=1e-2, warmup_steps=5)
-  c.eval.update(every=10, batches=2, batch_size=8)
+  c.eval_every = 10
+  c.eval.update(batches=2, batch_size=8)
   c.log_every = 5
   c.checkpoint_every = 10
   c.progress = False
@@ -36,6 +32,7 @@ def tiny_config(tmp_corpus, variant="mha", steps=30):
 
 
 @pytest.mark.parametrize("variant", ["mha", "mlr"])
+@pytest.mark.slow
 def test_tiny_training_lowers_loss_and_writes_rundir(corpus, tmp_path, variant):
   config = tiny_config(corpus, variant)
   result = train_lib.train(config, str(tmp_path))
@@ -60,9 +57,9 @@ def test_tiny_training_lowers_loss_and_writes_rundir(corpus, tmp_path, variant):
 
 
 def _run_cli(workdir, corpus, extra=(), kill_after_step=None):
-  cmd = [sys.executable, "-m", "structattn.train", f"--config={ROOT}/configs/lm.py:tiny-mlr",
+  cmd = [sys.executable, "-m", "structattn.train", "--config=lm:tiny-mlr",
          f"--workdir={workdir}", f"--config.data.corpus={corpus}",
-         f"--config.data.data_dir={corpus.parent / 'tfds'}", "--config.model.d_model=32",
+         f"--config.data.tfds_dir={corpus.parent / 'tfds'}", "--config.model.d_model=32",
          "--config.model.seq_len=64", "--config.model.dtype=float32",
          "--config.attention.num_heads=2", "--config.attention.window=16",
          "--config.train.steps=40", "--config.train.batch_size=8", "--config.eval.batches=2",
@@ -88,6 +85,7 @@ def _run_cli(workdir, corpus, extra=(), kill_after_step=None):
   proc.wait()
 
 
+@pytest.mark.slow
 def test_kill_and_resume_matches_uninterrupted(corpus, tmp_path):
   full, resumed = tmp_path / "full", tmp_path / "resumed"
   _run_cli(full, corpus)
@@ -105,6 +103,17 @@ def test_kill_and_resume_matches_uninterrupted(corpus, tmp_path):
   assert steps == sorted(set(steps))  # no duplicated rows after the resume
 
 
+@pytest.mark.slow
+def test_mlbtc_preset_trains(corpus, tmp_path):
+  """The general family from a preset: global BTT plus two nested low-rank block levels."""
+  config = tiny_config(corpus, "mlbtc", steps=3)
+  result = train_lib.train(config, str(tmp_path))
+  assert result["status"] == "completed" and np.isfinite(result["final/train_loss"])
+  saved = json.loads((tmp_path / "config.json").read_text())["attention"]
+  assert saved["variant"] == "mlbtc" and [lv["kind"] for lv in saved["levels"]] == [
+      "btt", "lowrank", "lowrank"]
+
+
 def test_bad_override_and_unknown_preset(corpus, tmp_path):
   with pytest.raises(ValueError, match="unknown preset"):
     lm_configs.get_config("huge")
@@ -119,6 +128,7 @@ def test_bad_override_and_unknown_preset(corpus, tmp_path):
     train_lib.train(config, str(tmp_path))
 
 
+@pytest.mark.slow
 def test_corrupt_checkpoint_is_reported(corpus, tmp_path):
   from structattn.checkpoint import CorruptCheckpointError
   config = tiny_config(corpus, steps=10)
@@ -131,6 +141,7 @@ def test_corrupt_checkpoint_is_reported(corpus, tmp_path):
     train_lib.train(config, str(tmp_path))
 
 
+@pytest.mark.slow
 def test_grad_accumulation_matches_one_big_batch(corpus, tmp_path):
   a = tiny_config(corpus, steps=3)
   b = tiny_config(corpus, steps=3)
@@ -140,6 +151,7 @@ def test_grad_accumulation_matches_one_big_batch(corpus, tmp_path):
   np.testing.assert_allclose(ra["final/train_loss"], rb["final/train_loss"], rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_with_a_final_checkpoint(corpus, tmp_path):
   config = tiny_config(corpus, steps=40)
   config.train.update(lr=1e38, warmup_steps=0, clip_norm=0.0)  # overflows to inf, then NaN
@@ -151,6 +163,7 @@ def test_non_finite_loss_stops_with_a_final_checkpoint(corpus, tmp_path):
   assert any(p.name.isdigit() for p in (tmp_path / "checkpoints").iterdir())
 
 
+@pytest.mark.slow
 def test_group_members_write_their_own_checkpoints_and_sample(corpus, tmp_path):
   """A vmapped group of two tiny LMs: each member's run directory has its own checkpoints,
   and `structattn-sample --workdir=<member>` samples from that member's parameters."""
@@ -173,6 +186,7 @@ def test_group_members_write_their_own_checkpoints_and_sample(corpus, tmp_path):
   assert out.startswith("ROMEO:") and len(out.rstrip("\n")) >= len("ROMEO:") + 1
 
 
+@pytest.mark.slow
 def test_fresh_start_truncates_metrics(corpus, tmp_path):
   """A run killed before its first checkpoint restarts from step 0 without duplicate rows."""
   config = tiny_config(corpus, steps=10)
@@ -186,6 +200,7 @@ def test_fresh_start_truncates_metrics(corpus, tmp_path):
   assert steps == [json.loads(l)["step"] for l in first.splitlines()] == [1, 5, 10]
 
 
+@pytest.mark.slow
 def test_checkpoint_of_the_older_layout_resumes(corpus, tmp_path):
   """A single run's checkpoint in the older layout (`state/` with params and optimiser state,
   `data/` the iterator state) resumes, and ends where the uninterrupted run ends."""
@@ -225,6 +240,7 @@ def _template(mgr, workdir):
       params)}
 
 
+@pytest.mark.slow
 def test_stacked_group_checkpoint_of_the_older_layout_is_refused(corpus, tmp_path):
   """Older versions kept a group's stacked checkpoints in one group directory: resuming from
   one fails naming it rather than silently starting afresh."""

@@ -5,7 +5,7 @@
         [--epochs 20] [--set data.data_dir=.tsdata --set data.source=csv ...]
 
 Each (dataset, horizon, variant) is one group of seeds trained vmapped in one process
-(`structattn.train.train_group` on the `configs/forecast.py` preset `<dataset>-<horizon>-
+(`structattn.train.train_group` on the `forecast:` preset `<dataset>-<horizon>-
 <variant>`); groups run in `--workers` spawned processes, in the order given (dataset-major),
 and a group is not started when less than `--min_left_s` of the deadline remains. With
 several workers each preallocates 0.9/workers of the GPU (`XLA_PYTHON_CLIENT_MEM_FRACTION`
@@ -41,7 +41,7 @@ def parse_value(text: str):
 
 
 def job_config(dataset, horizon, variant, seed, overrides, epochs):
-  from configs import forecast as fc
+  from structattn.configs import forecast as fc
   c = fc.get_config(f"{dataset}-{horizon}-{variant}")
   if epochs:
     fc._set_steps(c, int(epochs))
@@ -197,7 +197,7 @@ def main(argv=None):
   ap.add_argument("--epochs", type=int, default=0, help="0: the preset's")
   ap.add_argument("--set", action="append", default=[], help="dotted.key=value override")
   args = ap.parse_args(argv)
-  from configs import forecast as fc
+  from structattn.configs import forecast as fc
   t_start = time.time()
   deadline = t_start + args.deadline_s
   out = Path(args.out)

@@ -1,6 +1,6 @@
 """The in-context regression task for the shared training loop (config.task = 'icr').
 
-    structattn-train --config=configs/icr.py:tiny --workdir=runs/icr
+    structattn-train --config=icr:tiny --workdir=runs/icr
 
 Training prompts are drawn on device inside the compiled step: the batch at step t is a pure
 function of (seed, t), so many steps run per call (`train.steps_per_call`) and vmapped
@@ -120,7 +120,8 @@ def build(config: ml_collections.ConfigDict) -> TaskSetup:
   f = icr_fields(config)
   model = build_model(config, f)
   ec = config.eval
-  num, eb = int(ec.get("num_prompts", 1024)), int(ec.get("batch_size", 1024))
+  eb = int(ec.get("batch_size", 1024))
+  num = int(ec.get("batches", 1)) * eb  # held-out prompts
   es = task_lib.eval_set(int(ec.get("seed", 1234)), num, f["n_points"], f["d_input"],
                          noise_std=f["noise_std"])
   eval_batches = [{k: es[k][i:i + eb] for k in ("x_BND", "y_BN")} for i in range(0, num, eb)]

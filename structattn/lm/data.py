@@ -43,7 +43,8 @@ def build(config: ml_collections.ConfigDict) -> RunData:
   lm = data_lib.lm_data(
       corpus=d.corpus, tokenizer=d.tokenizer, seq_len=config.model.seq_len,
       batch_size=config.train.batch_size // n, seed=config.seed, val_fraction=d.val_fraction,
-      data_dir=d.data_dir or None, text_key=d.get("text_key", "text"),
+      data_dir=d.get("tfds_dir") or None, text_key=d.get("text_key", "text"),
       tfds_name=d.get("tfds_name") or None, eval_batch_size=config.eval.batch_size // n,
-      num_eval_batches=config.eval.batches, shard_index=jax.process_index(), shard_count=n)
+      num_eval_batches=config.eval.batches, shard_index=jax.process_index(), shard_count=n,
+      corpus_dir=d.get("corpus_dir") or None)
   return RunData(lm)
