@@ -32,6 +32,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from structattn import results as results_lib
+from structattn.runtime import DEFAULT_CACHE
 
 
 def load_preset(name: str, preset: str):
@@ -249,7 +250,7 @@ def scales_for(figure: str) -> tuple[str, ...]:
 
 def reproduce(figure: str, scale: str, workdir: str, parallel: int = 1, vmap: bool = True,
               overrides: Mapping[str, Any] | None = None, analyze_only: bool = False,
-              cache_dir: str | None = "~/.cache/structattn/jax",
+              cache_dir: str | None = DEFAULT_CACHE,
               only: Sequence[str] = (), time_limit: float | None = None,
               archive: str | None = None) -> dict[str, Any]:
   """Run the figure's sweep (unless analyze_only), then its analysis; returns the summary.

@@ -21,9 +21,9 @@ import numpy as np
 from flax import nnx
 
 from structattn import checkpoint as ckpt_lib
-from structattn import lm_data
+from structattn.lm.data import tokenizer_for
+from structattn.lm.task import build_model
 from structattn.optim import make_optimizer
-from structattn.train import build_model
 
 
 def load_run(workdir: str):
@@ -33,7 +33,7 @@ def load_run(workdir: str):
     raise FileNotFoundError(f"--workdir={workdir}: no config.json; is this a run directory?")
   from structattn.configs.renames import migrate_dict  # older run directories
   config = ml_collections.ConfigDict(migrate_dict(json.loads((path / "config.json").read_text())))
-  tokenizer = lm_data.tokenizer_for(config)
+  tokenizer = tokenizer_for(config)
   _, model = build_model(config, tokenizer.vocab_size)
   graphdef, params_state, rest = nnx.split(model, nnx.Param, ...)
   params = nnx.to_pure_dict(params_state)

@@ -32,7 +32,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import ml_collections
 
-DEFAULT_CACHE = "~/.cache/structattn/jax"
+from structattn.runtime import DEFAULT_CACHE, enable_compilation_cache
 
 
 # ------------------------------------------------------------------------ building sweeps
@@ -142,13 +142,10 @@ def run_points(configs: Sequence[dict], workdirs: Sequence[str], vmapped: bool) 
   """Run one point (or one vmapped group); returns each member's final status.  Failures
   are recorded in the member's run directory, never raised."""
   from structattn import train as train_lib
+  del vmapped  # a point is a group of one; `groups` decides which points share a group
   cfgs = [ml_collections.ConfigDict(c) for c in configs]
   try:
-    if vmapped and len(cfgs) > 1:
-      results = train_lib.train_group(cfgs, list(workdirs))
-    else:
-      results = [train_lib.train(cfgs[0], workdirs[0])]
-    return [str(r.get("status")) for r in results]
+    return [str(r.get("status")) for r in train_lib.train_group(cfgs, list(workdirs))]
   except Exception as e:  # noqa: BLE001  (a failing point must not stop the sweep)
     return [_record_failure(Path(w), e) for w in workdirs]
 
@@ -157,15 +154,6 @@ def _worker_init(mem_fraction: float | None, cache_dir: str | None) -> None:
   if mem_fraction:
     os.environ["XLA_PYTHON_CLIENT_MEM_FRACTION"] = f"{mem_fraction:.3f}"
   enable_compilation_cache(cache_dir)
-
-
-def enable_compilation_cache(cache_dir: str | None = DEFAULT_CACHE) -> None:
-  """Turn on JAX's persistent compilation cache (no-op for None or '')."""
-  if not cache_dir:
-    return
-  import jax
-  jax.config.update("jax_compilation_cache_dir", str(Path(cache_dir).expanduser()))
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 
 def groups(pts: Sequence[tuple[str, ml_collections.ConfigDict]], vmap: bool) -> list[list[int]]:

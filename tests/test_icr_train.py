@@ -155,3 +155,23 @@ def test_icr_presets_and_errors():
   c.icr.d_input = 0
   with pytest.raises(ValueError, match="icr.d_input"):
     train_lib.train(c, "/nonexistent/never-created")
+
+
+@pytest.mark.slow
+def test_group_resumes_from_the_step_every_member_reached(tmp_path):
+  """Each member checkpoints into its own directory; a group whose members were killed at
+  different checkpoints resumes from the newest step both have and ends where the
+  uninterrupted group ends."""
+  import shutil
+  members = [tiny(steps=40, seed=s, lr=lr) for s, lr in ((0, 1e-3), (1, 3e-3))]
+  full = train_lib.train_group(members, [str(tmp_path / f"full{i}") for i in range(2)])
+  for i in range(2):
+    shutil.copytree(tmp_path / f"full{i}", tmp_path / f"cut{i}")
+    (tmp_path / f"cut{i}" / "result.json").unlink()
+  shutil.rmtree(tmp_path / "cut1" / "checkpoints" / "40")  # member 1 was killed before 40
+  resumed = train_lib.train_group(members, [str(tmp_path / f"cut{i}") for i in range(2)])
+  for a, b in zip(full, resumed):
+    assert b["resumed_from"] == 20
+    assert b["final/eval_last_point_se"] == a["final/eval_last_point_se"]
+  for i in range(2):
+    assert [r["step"] for r in rows(tmp_path / f"cut{i}")] == [1, 10, 20, 30, 40]

@@ -14,8 +14,6 @@ ALLOWED_CYCLES = [
     # kernel dispatch lives in core; the kernels import Pattern and private helpers from it
     ("structattn.attention.core", "structattn.attention.mosaic_mlr",
      "structattn.attention.pallas_mlr"),
-    # the LM task inside the generic trainer; the sweep runner and the trainer import each other
-    ("structattn.sweep", "structattn.tasks", "structattn.train"),
     # the CSV loader and the TFDS builder import each other
     ("structattn.forecast.data", "structattn.forecast.tfds_data"),
 ]

@@ -2,12 +2,14 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 
@@ -159,3 +161,108 @@ def test_non_finite_loss_stops_with_a_final_checkpoint(corpus, tmp_path):
   res = json.loads((tmp_path / "result.json").read_text())
   assert res["status"].startswith("failed: non-finite training loss")
   assert any(p.name.isdigit() for p in (tmp_path / "checkpoints").iterdir())
+
+
+@pytest.mark.slow
+def test_group_members_write_their_own_checkpoints_and_sample(corpus, tmp_path):
+  """A vmapped group of two tiny LMs: each member's run directory has its own checkpoints,
+  and `structattn-sample --workdir=<member>` samples from that member's parameters."""
+  from structattn import sample as sample_lib
+  members = [tiny_config(corpus, steps=10) for _ in range(2)]
+  members[1].seed, members[1].train.lr = 1, 3e-3
+  dirs = [tmp_path / "m0", tmp_path / "m1"]
+  results = train_lib.train_group(members, [str(d) for d in dirs])
+  assert [r["status"] for r in results] == ["completed", "completed"]
+  for d in dirs:
+    assert sorted(int(p.name) for p in (d / "checkpoints").iterdir() if p.name.isdigit()) == [10]
+  (_, m0, _), (config1, m1, _) = (sample_lib.load_run(str(d)) for d in dirs)
+  assert config1.seed == 1
+  w0, w1 = (np.asarray(m.embed[...]) for m in (m0, m1))
+  assert not np.allclose(w0, w1)  # member 1's own parameters, not member 0's
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
+  out = subprocess.run([sys.executable, "-m", "structattn.sample", f"--workdir={dirs[1]}",
+                        "--prompt=ROMEO:", "--max_new_tokens=8", "--temperature=0"],
+                       check=True, env=env, cwd=ROOT, capture_output=True, text=True).stdout
+  assert out.startswith("ROMEO:") and len(out.rstrip("\n")) >= len("ROMEO:") + 1
+
+
+@pytest.mark.slow
+def test_fresh_start_truncates_metrics(corpus, tmp_path):
+  """A run killed before its first checkpoint restarts from step 0 without duplicate rows."""
+  config = tiny_config(corpus, steps=10)
+  train_lib.train(config, str(tmp_path))
+  first = (tmp_path / "metrics.jsonl").read_text()
+  shutil.rmtree(tmp_path / "checkpoints")
+  (tmp_path / "result.json").unlink()
+  res = train_lib.train(config, str(tmp_path))
+  assert res["resumed_from"] == 0
+  steps = [json.loads(l)["step"] for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  assert steps == [json.loads(l)["step"] for l in first.splitlines()] == [1, 5, 10]
+
+
+@pytest.mark.slow
+def test_checkpoint_of_the_older_layout_resumes(corpus, tmp_path):
+  """A single run's checkpoint in the older layout (`state/` with params and optimiser state,
+  `data/` the iterator state) resumes, and ends where the uninterrupted run ends."""
+  import orbax.checkpoint as ocp
+  from structattn import checkpoint as ckpt_lib
+  full = train_lib.train(tiny_config(corpus, steps=20), str(tmp_path / "full"))
+  new, old = tmp_path / "new", tmp_path / "old"
+  train_lib.train(tiny_config(corpus, steps=10), str(new))
+  mgr = ckpt_lib.Manager(new / "checkpoints")
+  like = {k: jax.tree.map(np.asarray, v) for k, v in _template(mgr, new).items()}
+  items, meta = mgr.read(10, like)
+  mgr.close()
+  old.mkdir()
+  for f in ("config.json", "metrics.jsonl"):
+    shutil.copy(new / f, old / f)
+  legacy = ocp.CheckpointManager(old / "checkpoints")
+  legacy.save(10, args=ocp.args.Composite(state=ocp.args.StandardSave(items),
+                                          data=ocp.args.JsonSave(meta["data"])))
+  legacy.wait_until_finished()
+  legacy.close()
+  resumed = train_lib.train(tiny_config(corpus, steps=20), str(old))
+  assert resumed["resumed_from"] == 10
+  assert abs(resumed["final/train_loss"] - full["final/train_loss"]) <= 1e-6
+  assert abs(resumed["final/eval_loss"] - full["final/eval_loss"]) <= 1e-6
+
+
+def _template(mgr, workdir):
+  """Arrays shaped like a run directory's params and optimiser state."""
+  from flax import nnx
+  from structattn import tasks
+  from structattn.optim import make_optimizer
+  import ml_collections
+  config = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
+  params_state = nnx.split(tasks.build(config).model, nnx.Param, ...)[1]
+  params = nnx.to_pure_dict(params_state)
+  return {"params": params, "opt_state": make_optimizer(config.train, params_state)[0].init(
+      params)}
+
+
+@pytest.mark.slow
+def test_stacked_group_checkpoint_of_the_older_layout_is_refused(corpus, tmp_path):
+  """Older versions kept a group's stacked checkpoints in one group directory: resuming from
+  one fails naming it rather than silently starting afresh."""
+  (tmp_path / "group-m0+m1" / "checkpoints" / "10").mkdir(parents=True)
+  members = [tiny_config(corpus, steps=10) for _ in range(2)]
+  members[1].seed = 1
+  with pytest.raises(train_lib.LegacyCheckpointError, match="group-m0\\+m1"):
+    train_lib.train_group(members, [str(tmp_path / "m0"), str(tmp_path / "m1")])
+
+
+def test_peak_flops_by_device_kind():
+  from structattn.hardware import peak_flops
+
+  class Device:
+    def __init__(self, kind):
+      self.device_kind = kind
+
+  for kind, peak in (("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12),
+                     ("NVIDIA H200", 989e12), ("NVIDIA A100-SXM4-80GB", 312e12),
+                     ("NVIDIA B200", 2.25e15), ("TPU v4", 275e12), ("TPU v5 lite", 197e12),
+                     ("TPU v5e", 197e12), ("TPU v5p", 459e12), ("TPU v6 lite", 918e12)):
+    assert peak_flops(Device(kind)) == peak, kind
+  assert peak_flops(Device("cpu")) is None and peak_flops(Device("Tesla T4")) is None
+  assert peak_flops(object()) is None
+  assert peak_flops(jax.devices("cpu")[0]) is None  # so CPU rows carry no throughput/mfu

@@ -28,7 +28,7 @@ from structattn import flops as flops_lib
 from structattn.icr import baselines as baselines_lib
 from structattn.icr import task as task_lib
 from structattn.icr.model import ICRModel, icr_loss, icr_specs
-from structattn.tasks import TaskSetup, mean_and_sem
+from structattn.tasks import TaskSetup, mean_and_sem, train_steps
 
 
 def icr_fields(config: ml_collections.ConfigDict) -> dict:
@@ -129,6 +129,7 @@ def build(config: ml_collections.ConfigDict) -> TaskSetup:
   d_model = int(config.model.d_model)
   d_mlp = int(config.model.get("mlp_ratio", 4)) * d_model
   paper_macs, train_flops = icr_flops(specs, d_model, d_mlp, f["n_points"])
+  steps = train_steps(config, paper_macs * int(config.train.batch_size))  # the curriculum's
   params = nnx.state(model, nnx.Param)
   total = sum(int(x.size) for x in jax.tree.leaves(params))
   emb = sum(int(x.size) for x in jax.tree.leaves(nnx.state(model.read_in, nnx.Param)))
@@ -144,7 +145,7 @@ def build(config: ml_collections.ConfigDict) -> TaskSetup:
       model=model, loss=loss, eval_metrics=eval_metrics, summarize=summarize,
       eval_batches=eval_batches,
       batch_fn=functools.partial(batch_fn, f=f, batch_size=int(config.train.batch_size),
-                                 total_steps=int(config.train.steps)),
+                                 total_steps=steps),
       units_per_step=int(config.train.batch_size), unit="prompts",
       paper_macs_per_unit=paper_macs, train_flops_per_unit=train_flops,
       final={"eval/last_point_se": "final/eval_last_point_se",
