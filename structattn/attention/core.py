@@ -31,34 +31,12 @@ import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
+
+from structattn.attention.pattern import Pattern
 
 NEG = -1e30  # finite "minus infinity" keeps exp/merge NaN-free for empty rows.
 QUERY_CHUNK = 512
 MIN_TILE = 64
-
-
-@dataclasses.dataclass(frozen=True)
-class Pattern:
-  """Score pattern: per level (seq in global|block|window, size, width), coarse to fine."""
-  seqs: tuple[str, ...]
-  sizes: tuple[int, ...]
-  widths: tuple[int, ...]
-  causal: bool = True
-  divide: str = "none"  # none | block | levels
-  combine: str = "renorm"  # renorm | sum (global|window only)
-
-  @property
-  def prefix(self) -> tuple[int, ...]:
-    return tuple(int(x) for x in np.cumsum(self.widths))
-
-  def level_divisor(self, l: int) -> float:
-    """Score divisor for a pair whose deepest shared level is l (0-based)."""
-    if self.divide == "block":
-      return float(l + 1)
-    if self.divide == "levels":
-      return float(len(self.widths))
-    return 1.0
 
 
 # ------------------------------------------------------------------------------ reference
@@ -443,8 +421,6 @@ def attention(q_BTHK, k_BTHK, v_BTHV, pattern: Pattern, impl: str = "auto"):
     return mlr_attention_pallas(q_BTHK, k_BTHK, v_BTHV, pattern)
   if impl == "mosaic" and pallas_supported(q_BTHK, pattern):  # Mosaic GPU forward + backward
     from structattn.attention.mosaic_mlr import mlr_attention_mosaic
-    # Both backwards are H100-validated (scripts/gpu_check_mosaic.py); the Mosaic one is
-    # 1.3-1.9x faster than the Triton one (docs/performance.md).
     return mlr_attention_mosaic(q_BTHK, k_BTHK, v_BTHV, pattern)
   if impl in ("auto", "cudnn"):
     ok, why = cudnn_supported(q_BTHK, k_BTHK, v_BTHV, pattern)
