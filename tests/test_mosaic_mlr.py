@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from structattn.attention import core
+from structattn.attention import core, dispatch
 from structattn.attention import mosaic_mlr
 from tests.kernel_checks import check_against_oracle, lower_cuda, random_qkv
 
@@ -146,11 +146,28 @@ def test_rejects_bad_chunk():
     mosaic_mlr.mlr_attention_mosaic(q, q, q, P(("global",), (0,), (64,)), chunk=48)
 
 
-def test_impl_mosaic_falls_back_off_gpu():
-  """attention(impl='mosaic') serves the XLA path off GPU."""
+def test_impl_mosaic_raises_where_it_cannot_run(monkeypatch):
+  """attention(impl='mosaic') never falls back silently: off GPU, with window levels, with
+  float32 inputs (which it would round to bf16) or on a jax without Mosaic GPU it raises a
+  ValueError naming attention.impl and the reason; impl='auto' serves the XLA path."""
   pat = P(("global", "block"), (0, 16), (8, 8), divide="block")
   q, k, v, _ = _qkv(1, 64, 2, 16, 16, 4)
-  out = core.attention(q, k, v, pat, impl="mosaic")
+  if jax.default_backend() != "gpu":
+    with pytest.raises(ValueError, match=r"attention\.impl='mosaic' cannot run here: .*GPU"):
+      dispatch.attention(q, k, v, pat, impl="mosaic")
+  resolve = lambda pat, dtype: dispatch.resolve("mosaic", pat, dtype, 16, 16, "gpu")
+  with pytest.raises(ValueError, match=r"attention\.impl='mosaic'.*round the float32"):
+    resolve(pat, jnp.float32)
+  with pytest.raises(ValueError, match=r"attention\.impl='mosaic'.*global and block levels"):
+    resolve(P(("global", "window"), (0, 8), (8, 8)), jnp.bfloat16)
+  with pytest.raises(ValueError, match=r"attention\.impl='mosaic'.*float64"):
+    resolve(pat, jnp.float64)
+  if mosaic_mlr.available():
+    assert resolve(pat, jnp.bfloat16) == "mosaic"
+  monkeypatch.setattr(mosaic_mlr, "plgpu", None)
+  with pytest.raises(ValueError, match=r"attention\.impl='mosaic'.*no Pallas Mosaic GPU"):
+    resolve(pat, jnp.bfloat16)
+  out = dispatch.attention(q, k, v, pat, impl="auto")
   np.testing.assert_allclose(out, core.blocked_attention(q, k, v, pat), rtol=1e-6, atol=1e-6)
 
 
