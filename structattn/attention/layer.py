@@ -43,8 +43,8 @@ def layer_norm(x, weight, eps: float = 1e-6):
 def per_level_layer_norm(x, weight, widths, eps: float = 1e-6):
   """LayerNorm of each segment of the last axis (segments of `widths`, in order), concatenated.
 
-  A fused alternative (masked sibling reductions over the whole axis, no slices) measured
-  1.4x slower on the H100 (benchmarks/qk_norm.py, docs/performance.md)."""
+  A fused alternative (masked sibling reductions over the whole axis, no slices) was slower:
+  docs/performance.md (benchmarks/qk_norm.py)."""
   widths = tuple(int(w) for w in widths)
   if sum(widths) != x.shape[-1]:
     raise ValueError(f"level widths {widths} sum to {sum(widths)}, not the feature width "
