@@ -227,3 +227,13 @@ def test_layers_share_one_lowering_of_each_kernel():
   with _with_h100_triton_info():
     one, two = (len(lower_cuda(grad_of_stack(n), q, q, q, skip=pytest.skip)) for n in (1, 2))
   assert two < 1.1 * one, (one, two)
+
+
+def test_dispatch_names_attention_impl_when_the_kernel_refuses_a_shape():
+  """A shape the kernel refuses (here a non-causal length the blocks do not divide) comes
+  back from the dispatch as an error naming attention.impl, not as an XLA fallback."""
+  from structattn.attention import dispatch
+  q = jnp.zeros((1, 48, 1, 8), jnp.float32)
+  pat = P(("global", "block"), (0, 32), (4, 4), causal=False)
+  with pytest.raises(ValueError, match=r"attention\.impl='pallas' cannot run here: .*divisible"):
+    dispatch._kernel("pallas", q, q, q, pat)
