@@ -43,7 +43,7 @@ from structattn import runtime
 from structattn import sharding as sharding_lib
 from structattn import tasks as tasks_lib
 from structattn.lm.loss import cross_entropy, eval_step, loss_fn  # noqa: F401  (the LM's)
-from structattn.optim import make_optimizer, schedule, with_lr
+from structattn.optim import grad_norm as optim_grad_norm, make_optimizer, schedule, with_lr
 
 H100_BF16_PEAK = 989e12  # one H100 SXM, dense bf16; the loop reads `hardware.peak_flops`
 
@@ -78,8 +78,8 @@ def train_step(params, opt_state, batch, *, graphdef, rest, tx, accum: int = 1, 
     zeros = jax.tree.map(jnp.zeros_like, params)
     (value, grads), _ = jax.lax.scan(micro, (jnp.zeros((), jnp.float32), zeros), mbs)
     value, grads = value / accum, jax.tree.map(lambda g: g / accum, grads)
-  grad_norm = optax.tree.norm(grads) if hasattr(optax, "tree") else optax.global_norm(grads)
   updates, opt_state = tx.update(grads, opt_state, params)
+  grad_norm = optim_grad_norm(grads, opt_state)  # a fused optimiser's own (computed once)
   params = optax.apply_updates(params, updates)
   return params, opt_state, {"train/loss": value, "grad_norm": grad_norm}
 
