@@ -61,13 +61,22 @@ class _LazyTrainIterator:
     self._get().set_state(state)
 
 
+def _loss(config):
+  """The training loss: `train.fused_xent=True` takes structattn.losses' cross-entropy (no
+  float32 copy of the logits), else loss_fn."""
+  if config.train.get("fused_xent", False):
+    from structattn.losses import lm_loss
+    return lm_loss
+  return loss_fn
+
+
 def build(config: ml_collections.ConfigDict) -> TaskSetup:
   data = data_lib.build(config)  # validates the data config; fails fast on a missing corpus
   cfg, model = build_model(config, data.vocab_size)
   fl = flops_lib.model_flops(cfg.specs, cfg.d_model, cfg.d_mlp, data.vocab_size)
   counts = param_counts(model)
   return TaskSetup(
-      model=model, loss=loss_fn, eval_metrics=eval_metrics, summarize=summarize,
+      model=model, loss=_loss(config), eval_metrics=eval_metrics, summarize=summarize,
       eval_batches=data.eval_batches(), train_batches=_LazyTrainIterator(data),
       units_per_step=config.train.batch_size * cfg.seq_len, unit="tokens",
       paper_macs_per_unit=fl["paper_macs_per_token"],
