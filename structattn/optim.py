@@ -143,9 +143,10 @@ def fused_adamw(mults, *, clip_norm: float, b1: float, b2: float, eps: float,
 
   def init(params):
     leaves = jax.tree.leaves(params)
-    zeros = tuple(jnp.zeros((sum(int(leaves[i].size) for i in g),), leaves[g[0]].dtype)
-                  for g in _groups(leaves))
-    return FusedAdamState(jnp.zeros([], jnp.int32), zeros, zeros, jnp.zeros([], jnp.float32))
+    def zeros():  # distinct buffers for mu and nu (both are donated)
+      return tuple(jnp.zeros((sum(int(leaves[i].size) for i in g),), leaves[g[0]].dtype)
+                   for g in _groups(leaves))
+    return FusedAdamState(jnp.zeros([], jnp.int32), zeros(), zeros(), jnp.zeros([], jnp.float32))
 
   def update(grads, state, params=None):
     leaves, treedef = jax.tree.flatten(grads)
