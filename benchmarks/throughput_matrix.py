@@ -1,7 +1,7 @@
 """The training-throughput matrix: speed options alone and together, then XLA flag sets.
 
     python benchmarks/throughput_matrix.py                        # GPT-2-small, MHA, GPU
-    python benchmarks/throughput_matrix.py --flag-sets lhs        # fewer flag sets
+    python benchmarks/throughput_matrix.py --flag-sets lhs,cmdbuf,no_triton_gemm
     python benchmarks/throughput_matrix.py --layers 6 --width 256 --batch 32
 
 One process (benchmarks/train_throughput.py) times the speed options (--options, default
@@ -72,8 +72,9 @@ def main(argv=None):
                  help="speed options timed in the first process (train_throughput --help)")
   p.add_argument("--flag-options", default="all",
                  help="speed options timed under each flag set")
-  p.add_argument("--flag-sets", default=",".join(FLAG_SETS),
-                 help=f"comma-separated names from {sorted(FLAG_SETS)}, or '' for none")
+  p.add_argument("--flag-sets", default="cmdbuf,no_triton_gemm",
+                 help=f"comma-separated names from {sorted(FLAG_SETS)}, or '' for none "
+                 f"(default cmdbuf,no_triton_gemm; lhs adds a process)")
   p.add_argument("--layers", type=int, default=None)
   p.add_argument("--width", type=int, default=None)
   p.add_argument("--seq-len", dest="seq_len", type=int, default=None)

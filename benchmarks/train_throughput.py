@@ -94,8 +94,8 @@ OPTIONS["all"] = {k: v for name in ("fused_opt", "fused_xent", "bf16_residual")
                   for k, v in OPTIONS[name].items()}
 OPTIONS_HELP = """comma-separated speed options, timed in alternating rounds in one process:
 baseline (today's defaults); fused_opt (train.fused_optimizer: the Adam update over flat
-vectors, a few large kernels instead of several per parameter, the global norm computed once
-and no per-step norm for logging); fused_xent (train.fused_xent: structattn.losses
+vectors, a few large kernels instead of several per parameter, the global norm computed once for
+the clip and the log); fused_xent (train.fused_xent: structattn.losses
 cross-entropy, no float32 copy of the (B,T,V) logits, softmax - onehot written in bf16 in one
 pass); bf16_residual (model.residual_dtype=bfloat16: the residual stream and its gradient in
 bf16, no float32 adds and casts per layer; LayerNorm statistics still float32); all (the
@@ -215,7 +215,8 @@ class Runner:
     return dict(variant=self.variant, options=self.options, overrides=OPTIONS[self.options],
                 mesh=mesh, devices=self.devices, batch=self.batch_size, step_ms=dt * 1e3,
                 pipelined_step_ms=(statistics.median(self.pipelined) * 1e3 if self.pipelined
-                                   else None), tokens_per_s=tok_s, tokens_per_s_per_device=tok_s / self.devices,
+                                   else None),
+                tokens_per_s=tok_s, tokens_per_s_per_device=tok_s / self.devices,
                 mfu=tok_s * self.fl["train_flops_per_token"] / (H100_BF16_PEAK * self.devices),
                 train_flops_per_token=self.fl["train_flops_per_token"],
                 paper_macs_per_token=self.fl["paper_macs_per_token"], compile_s=self.compile_s,
