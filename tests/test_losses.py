@@ -8,6 +8,7 @@ import pytest
 
 from structattn import losses
 from structattn import train
+from structattn.lm import task as lm_task
 
 
 def _reference(x, t):
@@ -46,11 +47,11 @@ def test_cross_entropy_matches_float64(dtype, scale, offset):
 
 def test_lm_loss_is_train_loss_fn():
   from flax import nnx
-  from configs import lm as lm_configs
+  from structattn.configs import lm as lm_configs
   c = lm_configs.get_config("tiny")
   c.model.update(num_layers=1, d_model=32, seq_len=16, dtype="bfloat16")
   c.attention.update(num_heads=2, d_head=16)
-  _, model = train.build_model(c, 64)
+  _, model = lm_task.build_model(c, 64)
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   params = nnx.to_pure_dict(params)
   toks = jax.random.randint(jax.random.key(0), (2, 17), 0, 64)

@@ -13,8 +13,9 @@ import optax
 import pytest
 from flax import nnx
 
-from configs import lm as lm_configs
+from structattn.configs import lm as lm_configs
 from structattn import losses, train
+from structattn.lm import task as lm_task
 from structattn.optim import make_optimizer, with_lr
 
 VOCAB = 64
@@ -47,7 +48,7 @@ def _batches(steps, batch=4, seq=32):
 
 def _train(dtype, overrides, steps=20):
   c = _config(dtype, overrides)
-  _, model = train.build_model(c, VOCAB)
+  _, model = lm_task.build_model(c, VOCAB)
   graphdef, state, rest = nnx.split(model, nnx.Param, ...)
   params = nnx.to_pure_dict(state)
   tx, _ = make_optimizer(c.train, state)
@@ -93,7 +94,7 @@ def test_bf16_residual_forward_matches_float32_residual():
   outs = []
   for residual in ("", "bfloat16"):
     c = _config("bfloat16", {"model.residual_dtype": residual})
-    _, model = train.build_model(c, VOCAB)
+    _, model = lm_task.build_model(c, VOCAB)
     graphdef, state, rest = nnx.split(model, nnx.Param, ...)
     leaves, treedef = jax.tree.flatten(nnx.to_pure_dict(state))
     keys = jax.random.split(jax.random.key(1), len(leaves))
@@ -155,13 +156,15 @@ def test_trainer_with_every_option_resumes_and_runs_vmapped_members(corpus, tmp_
   """structattn.train with all options: the LM task uses the fused cross-entropy, the fused
   optimiser's flat state checkpoints and resumes exactly, and vmapped members with different
   learning rates train."""
-  from tests.test_train import tiny_config
+  from tests.helpers import on_corpus, small_lm
 
   def config(steps, lr=1e-2):
-    c = tiny_config(corpus, steps=steps)
-    c.train.update(schedule="constant", lr=lr, fused_optimizer=True, fused_xent=True)
+    c = on_corpus(small_lm(), corpus)
+    c.train.update(steps=steps, batch_size=8, warmup_steps=5, schedule="constant", lr=lr,
+                   fused_optimizer=True, fused_xent=True)
     c.model.residual_dtype = "bfloat16"
-    c.update(checkpoint_every=10, log_every=5)
+    c.update(checkpoint_every=10, log_every=5, eval_every=10, progress=False)
+    c.eval.update(batches=2, batch_size=8)
     return c
 
   from structattn import tasks
