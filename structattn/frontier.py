@@ -717,8 +717,8 @@ def corpus_unigram_entropy(paths: str | os.PathLike | Iterable[str | os.PathLike
 def plateau_check(rows: Iterable[Mapping[str, Any]], fraction: float = 0.1,
                   unigram_entropy: float | None = None, root: str | os.PathLike | None = None,
                   *, margin: float = 0.3, fallback_drop: float = 0.5,
-                  statuses: Sequence[str] = ("completed", "running", "failed")
-                  ) -> list[dict[str, Any]]:
+                  statuses: Sequence[str] = ("completed", "running", "failed"),
+                  plateau_loss: float | None = None) -> list[dict[str, Any]]:
   """Has each run left its initial plateau by `fraction` of its steps?
 
   Per run (status in `statuses`, with logged train losses): the ``train/loss`` at the logged
@@ -727,8 +727,10 @@ def plateau_check(rows: Iterable[Mapping[str, Any]], fraction: float = 0.1,
   back to the run's first logged train loss minus `fallback_drop` (``threshold_from`` says
   which): that only detects a run that never leaves its initial (near-uniform) loss, not one
   stuck at the unigram plateau, so pass the corpus's unigram entropy (`unigram_entropy`) when
-  known. Returns one dict per run: run, variant, width, lr, steps, seed, status,
-  step_checked, train_loss, threshold, threshold_from, left_plateau.
+  known. `plateau_loss`, when given, replaces it: the loss of a model that predicts from the
+  current character alone (the corpus's bigram conditional entropy), where a character model
+  waits until attention forms. Returns one dict per run: run, variant, width, lr, steps, seed,
+  status, step_checked, train_loss, threshold, threshold_from, left_plateau.
   """
   if not 0 < fraction <= 1:
     raise ValueError(f"fraction={fraction!r} is invalid: need 0 < fraction <= 1")
@@ -746,7 +748,9 @@ def plateau_check(rows: Iterable[Mapping[str, Any]], fraction: float = 0.1,
     steps = _steps(r) or pts[-1][0]
     want = fraction * steps
     step, loss = min(pts, key=lambda t: (abs(t[0] - want), t[0]))
-    if unigram_entropy is not None:
+    if plateau_loss is not None:
+      thr, src = float(plateau_loss) - margin, f"plateau_loss - {margin:g}"
+    elif unigram_entropy is not None:
       thr, src = float(unigram_entropy) - margin, f"unigram_entropy - {margin:g}"
     else:
       thr, src = pts[0][1] - fallback_drop, f"first logged train loss - {fallback_drop:g}"
@@ -1137,6 +1141,7 @@ def report(res: Mapping[str, Any]) -> str:
 def analyze(root: str | os.PathLike, out_dir: str | os.PathLike | None, n_boot: int = 1000,
             seed: int = 0, *, n_points: int = 8, target: str = "mlr", baseline: str = "mha",
             unigram_entropy: float | None = None, plateau_fraction: float = 0.1,
+            plateau_loss: float | None = None,
             fit_boot: int | None = None, fit_x_min: float | None = None,
             figures: bool = True) -> dict[str, Any]:
   """The whole analysis of a study directory; JSON-serialisable (`jsonable` applied).
@@ -1168,7 +1173,8 @@ def analyze(root: str | os.PathLike, out_dir: str | os.PathLike | None, n_boot: 
       "root": str(root), "at": at, "compare": cmp, "verdict": verdict(cmp), "fits": fits,
       "multipliers": mults, "seed_spread": seeds, "lr_grid": grid,
       "lr_table": lr_grid_table(grid),
-      "plateau": plateau_check(rows, plateau_fraction, unigram_entropy),
+      "plateau": plateau_check(rows, plateau_fraction, unigram_entropy,
+                               plateau_loss=plateau_loss),
       "plateau_fraction": plateau_fraction,
       "main_runs": {v: [{"run": c.run, "width": c.row.get(WIDTH), "lr": c.row.get(LR),
                          "steps": _steps(c.row), "final_eval_loss": c.row.get(FINAL),

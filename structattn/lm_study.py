@@ -51,6 +51,9 @@ class StudySpec:
   d_head: int
   startup_seconds: float = 90.0  # per group, before its first step (for time estimates)
   n_boot: int = 1000  # bootstrap resamples of the analysis
+  # The loss of a model that predicts from the current character alone (the train split's
+  # bigram conditional entropy, nats): where a run waits until attention forms.
+  plateau_loss: float | None = None
   max_extensions: int = 2
   lr_ratio: float = math.sqrt(10.0)  # between grid neighbours (extensions use it too)
 
@@ -100,7 +103,7 @@ SPECS = {
         name="english", variants=("mha", "swa", "gswa", "mlr"),
         widths=(128, 256, 384, 512, 768), lrs=(1e-3, 3.16e-3, 1e-2), steps=3056,
         long_steps=7640, seed_width=256, seed_variants=("mha", "mlr"), extra_seeds=(1, 2),
-        d_head=64),
+        d_head=64, plateau_loss=2.6614),
     # A CPU miniature of the same stages (tests and pipeline checks).
     "mini": StudySpec(
         name="mini", variants=("mha", "mlr"), widths=(32, 64), lrs=(3e-3, 1e-2), steps=12,
@@ -208,3 +211,37 @@ def flops_of(config: ml_collections.ConfigDict) -> float:
 
 def points(spec: StudySpec, runs: Path, overrides: dict | None = None) -> Sequence[Point]:
   return [p for stage in plan(spec, runs, overrides) for p in stage]
+
+
+ROW_FIELDS = ("attention.variant", "model.d_model", "attention.num_heads", "train.lr",
+              "train.steps", "train.warmup_steps", "train.batch_size", "model.seq_len", "seed",
+              "data.corpus", "data.val_fraction", "attention.impl")
+RESULT_FIELDS = ("status", "final/eval_loss", "final/eval_loss_sem", "params/non_embedding",
+                 "compute/paper_macs", "compute/paper_macs_per_token", "compute/train_flops",
+                 "tokens", "wall_time_s", "device")
+
+
+def export_rows(runs: Path) -> list[dict]:
+  """One compact row per finished run under `runs` (config fields, results, the eval curve
+  and the logged train loss; no checkpoints), for `docs/data` and notebooks."""
+  from structattn import results as results_lib
+  out = []
+  for row in results_lib.collect(runs):
+    if ".stale-" in Path(row["run"]).name or row.get("status") != "completed":
+      continue
+    metrics = results_lib.read_metrics(Path(runs) / row["run"])
+    out.append({
+        "run": row["run"], **{k: row.get(k) for k in ROW_FIELDS + RESULT_FIELDS},
+        "eval": [[m["step"], m.get("compute/paper_macs"), m["eval/loss"], m.get("eval/loss_sem")]
+                 for m in metrics if "eval/loss" in m],
+        "train": [[m["step"], round(float(m["train/loss"]), 4)] for m in metrics
+                  if "train/loss" in m],
+        "tokens_per_s": _median([m["throughput/tokens_per_s"] for m in metrics[1:]
+                                 if "throughput/tokens_per_s" in m]),
+    })
+  return out
+
+
+def _median(values):
+  values = sorted(values)
+  return values[len(values) // 2] if values else None

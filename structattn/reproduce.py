@@ -303,12 +303,14 @@ def _reproduce_study(scale, out: Path, parallel, vmap, overrides, analyze_only, 
     print(study_lib.describe(summary), end="")
   from structattn import frontier
   try:
-    result = frontier.analyze(out / "runs", out, n_boot=spec.n_boot, fit_boot=spec.n_boot)
+    result = frontier.analyze(out / "runs", out, n_boot=spec.n_boot, fit_boot=spec.n_boot,
+                              plateau_loss=spec.plateau_loss)
   except ValueError as e:  # too few finished runs yet: the study goes on next time
     result = {"report": f"analysis not yet possible: {e}"}
   result.update(scale=scale, points=summary["statuses"] or None, study=summary,
                 chosen_lr=lm_study.chosen_lrs(spec, out / "runs", overrides))
   result["table"] = result.get("report", "")
+  (out / "rows.json").write_text(json.dumps(lm_study.export_rows(out / "runs"), default=str))
   (out / "summary.json").write_text(json.dumps(result, indent=1, default=str))
   (out / "table.md").write_text(result.get("table", "") + "\n")
   return result
