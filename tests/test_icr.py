@@ -156,6 +156,7 @@ def test_model_shape_and_causality():
   assert float(icr_loss(jnp.zeros((3, 8)), y)) == pytest.approx(float(np.mean(np.square(y))))
 
 
+@pytest.mark.slow
 def test_tiny_model_beats_zero_predictor():
   model = _tiny_model()
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)

@@ -59,6 +59,7 @@ def test_load_trace_reads_a_real_cpu_trace(tmp_path):
   assert rows == sorted(rows, key=lambda r: -r["ms_per_step"])
 
 
+@pytest.mark.slow
 def test_train_throughput_profile_flag_records_per_op_times(tmp_path):
   """benchmarks/train_throughput.py --profile: the JSON row carries the traced per-op times."""
   import importlib.util
