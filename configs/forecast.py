@@ -50,6 +50,7 @@ EPOCHS = {"etth1": 30, "etth2": 30, "exchange": 30, "illness": 100, "vic_elec": 
 VARIANTS = ("mha", "swa", "gswa", "mlr", "bilinear_mlr", "bilinear_btt")
 TABLE_DATASETS = ("etth1", "etth2", "exchange", "illness")
 TABLE_VARIANTS = ("mha", "swa", "mlr")
+PATCHTST_VARIANTS = ("mha", "swa", "gswa", "mlr")  # the 'patchtst' encoder's dense scores
 
 
 def attention_config(variant: str = "mha", d_head: int = 4, patches: int = 64):
@@ -78,17 +79,19 @@ def base_config() -> ml_collections.ConfigDict:
   c.task = "forecast"
   c.seed = 0
   c.data = ml_collections.ConfigDict(dict(
-      dataset="etth1", data_dir="../shared/data/timeseries", columns=(), seq_len=512,
-      horizon=96, source="auto", tfds_dir="", pipeline="device"))
+      dataset="etth1", csv_dir="", columns=(), seq_len=512, horizon=96, source="auto",
+      tfds_dir="", pipeline="device", drop_last=False))
   c.model = ml_collections.ConfigDict(dict(
       d_model=16, num_layers=3, d_mlp=128, patch_len=16, stride=8, revin=True, pre_norm=False,
-      dropout=0.3, attention_pattern=""))
+      dropout=0.3, attention_pattern="", encoder="gpt", norm="layer", residual_attention=False,
+      bn_stats_windows=0))
   c.attention = attention_config("mha", 4, 64)
   c.train = ml_collections.ConfigDict(dict(
       steps=1000, batch_size=128, grad_accum=1, lr=1e-4, warmup_steps=0, schedule="cosine",
       min_lr_ratio=0.0, clip_norm=0.0, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0,
       parametrization="standard", base_width=768, compute_budget=0.0, steps_per_call=200,
-      decay_start=0, decay_every=0, decay_rate=0.9))  # step_decay's (set per epoch below)
+      decay_start=0, decay_every=0, decay_rate=0.9,  # step_decay's (set per epoch below)
+      initial_steps=0, initial_lr_ratio=1.0))
   # select_best: score the test split with the parameters of the best validation MSE (the
   # PatchTST protocol's early stopping) instead of the last ones.
   c.eval = ml_collections.ConfigDict(dict(every=200, batch_size=512, select_best=True))
@@ -135,9 +138,62 @@ def paper(dataset: str, horizon: int, variant: str = "mha") -> ml_collections.Co
   return c
 
 
+# PatchTST/64's recipe (PatchTST_supervised: scripts/PatchTST/etth1.sh, etth2.sh, illness.sh,
+# run_longExp.py defaults, exp/exp_main.py, layers/PatchTST_backbone.py). exchange is not in
+# PatchTST's scripts: it gets the ETTh recipe (the small model, look-back 512, lr 1e-4, batch
+# 128, type3), exchange being a small dataset like ETTh (5,311 train rows, 8 channels).
+PATCHTST = {
+    "etth1": dict(seq_len=512, patch_len=16, stride=8, lr=1e-4, batch_size=128, lradj="type3"),
+    "etth2": dict(seq_len=512, patch_len=16, stride=8, lr=1e-4, batch_size=128, lradj="type3"),
+    "exchange": dict(seq_len=512, patch_len=16, stride=8, lr=1e-4, batch_size=128,
+                     lradj="type3"),
+    "illness": dict(seq_len=104, patch_len=24, stride=2, lr=2.5e-3, batch_size=16,
+                    lradj="constant"),
+}
+PATCHTST_EPOCHS = 100
+# OneCycleLR(max_lr=lr) is built but never stepped with lradj type3 / constant: its init sets
+# the first epoch's lr to max_lr / div_factor (25) and Adam's beta1 to max_momentum (0.95).
+ONECYCLE_DIV_FACTOR = 25.0
+ONECYCLE_MAX_MOMENTUM = 0.95
+BN_STATS_BATCHES = 10  # running statistics with momentum 0.1: about the last ten batches
+PATCHTST_CHECKPOINT_EPOCHS = 10
+
+
+def patchtst(dataset: str, horizon: int, variant: str = "mha") -> ml_collections.ConfigDict:
+  """PatchTST/64 exactly (module docstring); `variant` swaps the attention's score pattern."""
+  r = PATCHTST[dataset]
+  c = base_config()
+  c.data.update(dataset=dataset, horizon=horizon, seq_len=r["seq_len"], pipeline="device",
+                drop_last=True)
+  c.model.update(d_model=16, num_layers=3, d_mlp=128, patch_len=r["patch_len"],
+                 stride=r["stride"], revin=True, pre_norm=False, dropout=0.3,
+                 encoder="patchtst", norm="batch", residual_attention=True,
+                 bn_stats_windows=BN_STATS_BATCHES * r["batch_size"])
+  n = _patches(r["seq_len"], r["patch_len"], r["stride"])
+  c.attention = attention_config(variant, 4, n)
+  c.attention.num_heads = 4
+  per_epoch = train_windows(dataset, r["seq_len"], horizon) // r["batch_size"]  # drop_last
+  c.train.update(
+      lr=r["lr"], batch_size=r["batch_size"], b1=ONECYCLE_MAX_MOMENTUM, b2=0.999, eps=1e-8,
+      weight_decay=0.0, clip_norm=0.0, parametrization="standard", warmup_steps=0,
+      steps=PATCHTST_EPOCHS * per_epoch, steps_per_call=per_epoch,
+      initial_steps=per_epoch, initial_lr_ratio=1.0 / ONECYCLE_DIV_FACTOR)
+  if r["lradj"] == "type3":
+    # adjust_learning_rate after epoch e sets epoch e+1's lr: lr for e < 3, else
+    # lr * 0.9 ** (e - 3); so epochs 2-4 at lr, epoch k >= 4 at lr * 0.9 ** (k - 4)
+    c.train.update(schedule="step_decay", decay_start=3 * per_epoch, decay_every=per_epoch,
+                   decay_rate=0.9)
+  else:
+    c.train.update(schedule="constant", decay_start=0, decay_every=0)
+  c.eval.update(every=per_epoch, batch_size=2048, select_best=True)
+  c.log_every = per_epoch
+  c.checkpoint_every = PATCHTST_CHECKPOINT_EPOCHS * per_epoch
+  return c
+
+
 def tiny(variant: str = "mha") -> ml_collections.ConfigDict:
   c = base_config()
-  c.data.update(seq_len=128, horizon=24)
+  c.data.update(dataset="vic_elec", seq_len=128, horizon=24)
   c.model.update(num_layers=2, d_mlp=32, dropout=0.0)
   c.attention = attention_config(variant, 4, 16)
   c.train.update(steps=150, batch_size=32, lr=1e-3, steps_per_call=75)
@@ -179,6 +235,14 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   if arg == "sweep-table-paper":
     return sweep_paper()
   parts = arg.split("-")
+  if parts[0] == "patchtst" and len(parts) in (3, 4) and parts[1] in PATCHTST:
+    try:
+      horizon = int(parts[2])
+    except ValueError:
+      horizon = -1
+    variant = parts[3] if len(parts) == 4 else "mha"
+    if horizon in HORIZONS[parts[1]] and variant in PATCHTST_VARIANTS:
+      return patchtst(parts[1], horizon, variant)
   if parts[0] == "tiny" and len(parts) <= 2 and (len(parts) == 1 or parts[1] in VARIANTS):
     return tiny(*parts[1:])
   if parts[0] in HORIZONS and len(parts) in (2, 3):
@@ -192,4 +256,6 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   raise ValueError(
       f"unknown preset {arg!r} for configs/forecast.py: allowed presets are 'tiny', "
       f"'tiny-<variant>', '<dataset>-<horizon>[-<variant>]' with dataset/horizons "
-      f"{HORIZONS} and variant in {VARIANTS}, 'sweep-table-tiny' and 'sweep-table-paper'")
+      f"{HORIZONS} and variant in {VARIANTS}, 'patchtst-<dataset>-<horizon>[-<variant>]' "
+      f"with dataset in {tuple(PATCHTST)} and variant in {PATCHTST_VARIANTS}, "
+      f"'sweep-table-tiny' and 'sweep-table-paper'")
