@@ -534,3 +534,247 @@ def test_table_keeps_a_callers_memory_fraction_and_reports_the_failure(monkeypat
   by = {r["dataset"]: r for r in rows}
   assert table.out_of_memory(by["big"]) and by["small"]["status"] == "completed"
   assert by["small"]["fraction"] == "0.2" and os.environ["XLA_PYTHON_CLIENT_MEM_FRACTION"] == "0.2"
+
+
+# ------------------------------------------------------------------------------ PatchTST
+
+
+def _patchtst_model(name="patchtst-etth1-96", **model):
+  from structattn.forecast import task as ftask
+  c = fc_configs.get_config(name)
+  c.model.update(**model)
+  return ftask.build_model(c), c
+
+
+def test_patchtst_preset_is_patchtst64():
+  """PatchTST/64's ETTh1 model: 64 patches, 3 layers of D=16 / 4 heads / d_ff 128 with
+  BatchNorm and residual attention; its parameter count is the reference model's (W_P
+  16*16+16, W_pos 64*16, per layer Q/K/V/O 4*(16*16+16) + FF 16*128+128+128*16+16 + two
+  BatchNorms 2*2*16, head 1024*96+96)."""
+  model, c = _patchtst_model()
+  assert model.n == 64 and len(model.blocks) == 3 and model.has_batch_norm
+  assert model.residual_attention and model.encoder == "patchtst"
+  layer = (16 * 16 + 16) * 4 + (16 * 128 + 128 + 128 * 16 + 16) + 2 * 2 * 16
+  assert model.param_counts()["total"] == 16 * 16 + 16 + 64 * 16 + 3 * layer + 1024 * 96 + 96
+  assert (c.train.lr, c.train.batch_size, c.train.b1, c.train.b2) == (1e-4, 128, 0.95, 0.999)
+  assert c.model.dropout == 0.3 and c.data.drop_last and c.eval.select_best
+  assert c.train.steps == 100 * c.eval.every and c.eval.every == (8640 - 512 - 96 + 1) // 128
+  assert c.attention.scale == "standard" and c.attention.causal is False  # K^-0.5, K = 4
+  x = jax.random.normal(jax.random.key(0), (3, 512, 7))
+  assert model(x).shape == (3, 96, 7)
+  assert model(x, jax.random.key(1), 0.3).shape == (3, 96, 7)
+  ill, ci = _patchtst_model("patchtst-illness-60")
+  assert ill.n == 42 and ci.data.seq_len == 104 and ci.train.batch_size == 16
+  assert ci.train.lr == 2.5e-3 and ci.train.schedule == "constant"
+  assert ill(jax.random.normal(jax.random.key(0), (2, 104, 7))).shape == (2, 60, 7)
+  with pytest.raises(ValueError, match="unknown preset"):
+    fc_configs.get_config("patchtst-etth1-100")
+  with pytest.raises(ValueError, match="unknown preset"):
+    fc_configs.get_config("patchtst-etth1-96-bilinear_btt")
+
+
+def test_revin_round_trip():
+  """RevIN without affine parameters: an affine change of a series' scale and offset moves
+  the forecast by the same map (the model sees the normalised series only)."""
+  model, _ = _patchtst_model(norm="layer")
+  x = jax.random.normal(jax.random.key(0), (2, 512, 7))
+  y = model(x)
+  y2 = model(3.0 * x + 5.0)
+  np.testing.assert_allclose(y2, 3.0 * y + 5.0, rtol=1e-3, atol=1e-3)
+  off, _ = _patchtst_model(norm="layer", revin=False)
+  assert float(jnp.abs(off(3.0 * x + 5.0) - (3.0 * off(x) + 5.0)).max()) > 1e-2
+
+
+def test_residual_attention_changes_the_output_after_the_first_layer():
+  x = jax.random.normal(jax.random.key(0), (2, 512, 7))
+  on, _ = _patchtst_model(residual_attention=True)
+  off, _ = _patchtst_model(residual_attention=False)  # same seed: the same parameters
+  assert float(jnp.abs(on(x) - off(x)).max()) > 1e-4
+  on1, _ = _patchtst_model(residual_attention=True, num_layers=1)
+  off1, _ = _patchtst_model(residual_attention=False, num_layers=1)
+  np.testing.assert_allclose(on1(x), off1(x), rtol=1e-6, atol=1e-6)  # nothing to add
+
+
+def test_residual_scores_accumulate():
+  """Layer l's softmax sees the sum of layers 0..l's own scores (PatchTST passes each
+  layer's scores, previous ones included, to the next)."""
+  model, _ = _patchtst_model(norm="layer")
+  h = jax.random.normal(jax.random.key(2), (5, 64, 16))
+  b0, b1 = model.blocks[0], model.blocks[1]
+  h1, s0 = b0(h)
+  _, s1 = b1(h1, s0)
+  own1, _ = b1.scores(h1)
+  np.testing.assert_allclose(s1, s0 + own1, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("variant", ["mha", "swa", "mlr", "gswa"])
+def test_patchtst_dense_scores_match_the_attention_reference(variant):
+  """The 'patchtst' layer's dense structured scores give the attention package's oracle
+  (reference_attention on the same level-scaled q, k and v)."""
+  from structattn.attention.core import reference_attention
+  model, c = _patchtst_model(f"patchtst-etth1-96-{variant}", norm="layer")
+  layer = model.blocks[0]
+  x = jax.random.normal(jax.random.key(3), (4, 64, 16))
+  sp = layer.spec
+  q = layer.wq(x).reshape(4, 64, sp.num_heads, sp.d_qk) * jnp.asarray(layer.level_scales)
+  k = layer.wk(x).reshape(4, 64, sp.num_heads, sp.d_qk)
+  v = layer.wv(x).reshape(4, 64, sp.num_heads, sp.d_head)
+  want = layer.wo(reference_attention(q, k, v, layer.pattern).reshape(4, 64, -1))
+  got, _ = layer.attention(x)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  if variant == "mlr":
+    assert sp.widths == (2, 1, 1) and sp.block_sizes() == (64, 32, 16)
+
+
+def test_batch_norm_train_and_eval_modes():
+  """Train mode normalises with the batch's statistics (a window's forecast depends on the
+  other windows) and updates the running ones with PyTorch's momentum 0.1; eval mode uses
+  the running ones; set_batch_stats makes eval equal a train-mode pass without dropout."""
+  model, _ = _patchtst_model()
+  x = jax.random.normal(jax.random.key(0), (4, 512, 7)) * 2.0 + 1.0
+  # other windows of another shape (not an affine map of x: RevIN would undo that)
+  other = x.at[1:].set(jnp.cumsum(jax.random.normal(jax.random.key(9), (3, 512, 7)), axis=1))
+  ev0 = model(x)
+  np.testing.assert_allclose(model(other)[0], ev0[0], rtol=1e-5, atol=1e-5)  # eval: per window
+  bn = model.blocks[0].norm_attn
+  before = np.asarray(bn.mean[...]).copy()
+  tr = model(x, train=True)
+  tr_other = model(other, train=True)
+  assert float(jnp.abs(tr[0] - tr_other[0]).max()) > 1e-3  # train: batch statistics
+  after = np.asarray(bn.mean[...])
+  assert not np.allclose(before, after)
+  model2, _ = _patchtst_model()
+  model2(x, train=True)  # one step from zero mean: running = 0.1 * batch mean
+  model3, _ = _patchtst_model()
+  model3.set_batch_stats(x)
+  np.testing.assert_allclose(model2.blocks[0].norm_attn.mean[...],
+                             0.1 * model3.blocks[0].norm_attn.mean[...], rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(model3(x), model3(x, train=True), rtol=1e-4, atol=1e-4)
+  from structattn.forecast import model as fmodel
+  assert model3.blocks[0].norm_attn.momentum == fmodel.BN_MOMENTUM  # restored
+
+
+def test_loss_and_rest_returns_the_updated_batch_statistics():
+  from structattn.forecast import task as ftask
+  model, _ = _patchtst_model()
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  x = jax.random.normal(jax.random.key(0), (2, 512, 7))
+  batch = {"x_BLC": x, "y_BFC": jnp.zeros((2, 96, 7)),
+           "seed_B2": jnp.zeros((2, 2), jnp.uint32)}
+  loss, new_rest = jax.jit(ftask.make_loss_and_rest(0.3), static_argnums=1)(
+      params, graphdef, rest, batch)
+  assert np.isfinite(float(loss))
+  old, new = jax.tree.leaves(rest), jax.tree.leaves(new_rest)
+  assert len(old) == len(new) == 12 and any(not np.allclose(a, b) for a, b in zip(old, new))
+  assert float(loss) == pytest.approx(float(ftask.make_loss(0.3)(params, graphdef, rest, batch)))
+
+
+def test_patchtst_schedule_per_epoch():
+  """PatchTST's lradj='type3' with the never-stepped OneCycleLR: epoch 1 at lr/25 = 4e-6,
+  epochs 2-4 at 1e-4 (adjust_learning_rate after epoch e < 3, and e = 3 gives 0.9 ** 0),
+  then x0.9 per epoch; Adam's beta1 0.95 for the whole run. illness (lradj 'constant'):
+  epoch 1 at 2.5e-3 / 25, then 2.5e-3."""
+  from structattn import optim
+  c = fc_configs.get_config("patchtst-etth1-96")
+  e = c.eval.every
+  lr = optim.schedule(c.train)
+  want = {1: 4e-6, 2: 1e-4, 3: 1e-4, 4: 1e-4, 5: 9e-5, 6: 8.1e-5, 7: 7.29e-5,
+          100: 1e-4 * 0.9 ** 96}
+  for epoch, value in want.items():
+    for step in ((epoch - 1) * e, epoch * e - 1):
+      assert float(lr(step)) == pytest.approx(value, rel=1e-5), (epoch, step)
+  assert c.train.b1 == 0.95
+  ci = fc_configs.get_config("patchtst-illness-24")
+  lri, ei = optim.schedule(ci.train), ci.eval.every
+  assert float(lri(0)) == pytest.approx(1e-4) and float(lri(ei - 1)) == pytest.approx(1e-4)
+  assert float(lri(ei)) == pytest.approx(2.5e-3) and float(lri(99 * ei)) == pytest.approx(2.5e-3)
+
+
+def test_device_batches_drop_last_epochs():
+  """data.drop_last: floor(N / B) batches per epoch from that epoch's permutation, its last
+  N mod B windows unused, the next epoch a fresh permutation."""
+  w = fdata.Windows(np.arange(300, dtype=np.float32).reshape(100, 3), 10, 5)  # 86 windows
+  fn = jax.jit(fdata.device_batch_fn(w, 16, drop_last=True))
+  assert fdata.steps_per_epoch(86, 16, True) == 5 and fdata.steps_per_epoch(86, 16, False) == 6
+  for epoch in range(3):
+    got = np.concatenate([np.asarray(fn(3, 5 * epoch + k)["x_BLC"][:, 0, 0])
+                          for k in range(5)]).astype(int) // 3
+    np.testing.assert_array_equal(got, _device_order(3, epoch, 86)[:80])
+  pos = np.asarray(fn(3, 6)["seed_B2"][:, 1])
+  np.testing.assert_array_equal(pos, 86 + 16 + np.arange(16))
+
+
+def test_drop_last_needs_device_batches():
+  c = fc_configs.get_config("tiny")
+  c.data.update(drop_last=True, pipeline="host")
+  with pytest.raises(ValueError, match=r"data.drop_last=True is invalid with "
+                                       r"data.pipeline='host'"):
+    tasks_lib.build(c)
+
+
+def test_benchmark_dataset_needs_a_csv_dir():
+  """No default directory: a benchmark dataset without data.csv_dir is a clear error; the
+  packaged dataset needs none."""
+  c = fc_configs.get_config("patchtst-etth1-96")
+  assert c.data.csv_dir == ""
+  with pytest.raises(FileNotFoundError, match=r"data.csv_dir, which is not set.*vic_elec"):
+    tasks_lib.build(c)
+  assert fc_configs.get_config("tiny").data.dataset == "vic_elec"
+
+
+@needs_data
+def test_patchtst_tiny_end_to_end(tmp_path):
+  """The patchtst recipe end to end on ETTh1's OT channel at a short look-back: two epochs,
+  BatchNorm statistics recomputed at every evaluation, best-validation test scores, the
+  first epoch at lr / 25."""
+  c = fc_configs.get_config("patchtst-etth1-96")
+  c.data.update(csv_dir=str(SHARED), columns=("OT",), seq_len=128, horizon=24, source="csv")
+  c.model.bn_stats_windows = 256
+  c.eval.batch_size = 1024
+  per_epoch = (8640 - 128 - 24 + 1) // 128
+  c.train.update(steps=2 * per_epoch, steps_per_call=per_epoch, initial_steps=per_epoch,
+                 decay_start=3 * per_epoch, decay_every=per_epoch)
+  c.eval.every = c.log_every = c.checkpoint_every = per_epoch
+  c.progress = False
+  result = train_lib.train(c, str(tmp_path))
+  assert result["status"] == "completed" and result["model/bn_stats_windows"] == 256
+  assert result["data/drop_last"] is True and result["model/num_patches"] == 16
+  assert result["select/best_step"] in (per_epoch, 2 * per_epoch)
+  assert result["test/windows_drop_last"] == (2880 - 24 + 1) // 128 * 128
+  for key in ("test/mse", "test/mae", "test/mse_drop_last", "final/val_mse"):
+    assert np.isfinite(result[key]), key
+  assert result["test/mse"] < 1.5 * result["baseline/test_mse_repeat_last"]
+  rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  lrs = {r["step"]: r["lr"] for r in rows}
+  assert lrs[1] == pytest.approx(4e-6) and lrs[2 * per_epoch] == pytest.approx(1e-4)
+
+
+def test_table_patchtst_rows_and_time_limit(tmp_path):
+  """The table on the patchtst presets: finished seeds are read back under the preset's run
+  names; past --time-limit nothing starts and OUT/rows.json still lists every group."""
+  import json as json_lib
+  import time as time_lib
+  from structattn.forecast import table
+  runs = tmp_path / "runs"
+  for seed, mse in ((0, 0.37), (1, 0.38)):
+    d = runs / f"patchtst-etth1-96-mha-s{seed}"
+    d.mkdir(parents=True)
+    (d / "result.json").write_text(json_lib.dumps({
+        "status": "completed", "test/mse": mse, "test/mae": 0.4, "test/mse_drop_last": mse,
+        "test/mae_drop_last": 0.4, "final/val_mse": 0.7, "final/val_mae": 0.6,
+        "select/best_step": 620, "select/best_value": 0.7, "device": "test-card"}))
+  job = ("etth1", 96, "mha", [0, 1], {}, 0, str(runs), time_lib.time() + 60, 0.0, "patchtst", 0)
+  row = table.run_group(job)
+  assert row["status"] == "completed" and row["test/mse_drop_last"] == [0.37, 0.38]
+  assert row["select/best_step"] == [620, 620] and row["preset"] == "patchtst"
+  assert "0.370 / 0.400" in table.markdown([{**row, "steps": 6200}])
+  c = table.job_config("etth2", 336, "mlr", 2, {"data.csv_dir": "/x"}, 3, "patchtst", 10)
+  assert c.seed == 2 and c.data.csv_dir == "/x" and c.train.steps == 3 * c.eval.every
+  assert c.checkpoint_every == 3 * c.eval.every and c.train.b1 == 0.95
+  out = tmp_path / "out"
+  table.main(["--out", str(out), "--runs", str(tmp_path / "none"), "--preset", "patchtst",
+              "--datasets", "etth1", "--horizons", "96,192", "--variants", "mha",
+              "--time-limit", "0"])
+  rows = json_lib.loads((out / "rows.json").read_text())["rows"]
+  assert [(r["horizon"], r["status"].startswith("not run")) for r in rows] == [(96, True),
+                                                                                (192, True)]
