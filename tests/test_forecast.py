@@ -777,6 +777,10 @@ def test_table_patchtst_rows_and_time_limit(tmp_path):
   assert row["status"] == "completed" and row["test/mse_drop_last"] == [0.37, 0.38]
   assert row["select/best_step"] == [620, 620] and row["preset"] == "patchtst"
   assert "0.370 / 0.400" in table.markdown([{**row, "steps": 6200}])
+  mlr = {**row, "variant": "mlr", "test/mse_drop_last": [0.36, 0.385]}
+  (pair,) = table.paired([row, mlr])
+  assert pair["diffs"] == pytest.approx([-0.01, 0.005]) and pair["lower_on"] == 1
+  assert "mlr" in table.paired_markdown([pair])
   c = table.job_config("etth2", 336, "mlr", 2, {"data.csv_dir": "/x"}, 3, "patchtst", 10)
   assert c.seed == 2 and c.data.csv_dir == "/x" and c.train.steps == 3 * c.eval.every
   assert c.checkpoint_every == 3 * c.eval.every and c.train.b1 == 0.95

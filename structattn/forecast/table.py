@@ -220,6 +220,40 @@ def markdown(rows) -> str:
   return "\n".join(lines) + "\n"
 
 
+def paired(rows, key: str = "test/mse_drop_last", base: str = "mha") -> list[dict]:
+  """Per (dataset, horizon) and variant: the per-seed differences variant - base of `key`
+  over the seeds both completed (same seed: same batch order and data), their mean and
+  sample std, and how many seeds the variant is lower on."""
+  done = {(r["dataset"], r["horizon"], r["variant"]): r for r in rows
+          if r.get("status") == "completed" and key in r}
+  out = []
+  for (ds, h, v), r in done.items():
+    ref = done.get((ds, h, base))
+    if v == base or ref is None:
+      continue
+    by_seed = dict(zip(ref["seeds"], ref[key]))
+    diffs = [float(x) - float(by_seed[s]) for s, x in zip(r["seeds"], r[key]) if s in by_seed]
+    if not diffs:
+      continue
+    out.append({"dataset": ds, "horizon": h, "variant": v, "base": base, "metric": key,
+                "diffs": diffs, "mean": float(np.mean(diffs)),
+                "std": float(np.std(diffs, ddof=1)) if len(diffs) > 1 else 0.0,
+                "lower_on": int(sum(d < 0 for d in diffs)), "seeds": len(diffs)})
+  return out
+
+
+def paired_markdown(pairs) -> str:
+  if not pairs:
+    return ""
+  lines = ["", f"Paired by seed: {pairs[0]['metric']} of the variant minus "
+           f"{pairs[0]['base']}'s (mean ± sample std over seeds; seeds where it is lower)", "",
+           "| dataset | F | variant | difference | lower on |", "|---|---|---|---|---|"]
+  for p in pairs:
+    lines.append(f"| {p['dataset']} | {p['horizon']} | {p['variant']} | "
+                 f"{p['mean']:+.4f} ± {p['std']:.4f} | {p['lower_on']}/{p['seeds']} |")
+  return "\n".join(lines) + "\n"
+
+
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--out", required=True)
@@ -274,7 +308,7 @@ def main(argv=None):
         {"rows": rows, "args": vars(args), "elapsed_s": time.time() - t_start}, indent=1))
     compact = [{k: r[k] for k in COMPACT_KEYS if k in r} for r in rows]
     (out / "rows.json").write_text(json.dumps(
-        {"rows": compact, "preset": args.preset, "elapsed_s": round(time.time() - t_start, 1),
+        {"rows": compact, "paired": paired(rows), "preset": args.preset, "elapsed_s": round(time.time() - t_start, 1),
          "versions": next((r["versions"] for r in rows if r.get("versions")), None)},
         separators=(",", ":")) + "\n")
 
@@ -291,8 +325,9 @@ def main(argv=None):
             "preset": args.preset, "status": "not run or stopped: time limit"}
            for j in jobs if (j[0], j[1], j[2]) not in done]
   write()
-  (out / "table.md").write_text(markdown(rows))
-  print(markdown(rows))
+  text = markdown(rows) + paired_markdown(paired(rows))
+  (out / "table.md").write_text(text)
+  print(text)
 
 
 if __name__ == "__main__":
