@@ -189,8 +189,9 @@ def patchtst(dataset: str, horizon: int, variant: str = "mha") -> ml_collections
   """PatchTST/64 exactly (module docstring); `variant` swaps the attention's score pattern."""
   r = PATCHTST[dataset]
   c = base_config()
+  # source csv: the same arrays as the TFDS cache, and no cache for parallel workers to race on
   c.data.update(dataset=dataset, horizon=horizon, seq_len=r["seq_len"], pipeline="device",
-                drop_last=True)
+                drop_last=True, source="csv")
   c.model.update(d_model=16, num_layers=3, d_mlp=128, patch_len=r["patch_len"],
                  stride=r["stride"], revin=True, pre_norm=False, dropout=0.3,
                  encoder="patchtst", norm="batch", residual_attention=True,
