@@ -791,3 +791,13 @@ def test_table_patchtst_rows_and_time_limit(tmp_path):
   rows = json_lib.loads((out / "rows.json").read_text())["rows"]
   assert [(r["horizon"], r["status"].startswith("not run")) for r in rows] == [(96, True),
                                                                                 (192, True)]
+  # an earlier rows.json's completed groups are kept, not rerun
+  prev = tmp_path / "prev.json"
+  prev.write_text(json_lib.dumps({"rows": [{**row, "seeds": [0, 1, 2]}]}))
+  out2 = tmp_path / "out2"
+  table.main(["--out", str(out2), "--runs", str(tmp_path / "none"), "--preset", "patchtst",
+              "--datasets", "etth1", "--horizons", "96,192", "--variants", "mha",
+              "--time-limit", "0", "--previous", str(prev)])
+  rows = json_lib.loads((out2 / "rows.json").read_text())["rows"]
+  assert [r["status"] for r in rows][0] == "completed" and rows[0]["from"] == str(prev)
+  assert rows[1]["status"].startswith("not run")

@@ -13,7 +13,8 @@ when less than `--min-left` seconds remain), and groups still running are stoppe
 completed group is kept. A group whose seeds all completed under `--runs` is read back, not
 retrained, and a stopped group resumes from its last checkpoint (`--checkpoint-epochs`; by
 default only the end of training is checkpointed), so the same command run again continues
-the table. With several workers each preallocates 0.9/workers of the GPU
+the table; on a machine without those run directories, `--previous <an earlier rows.json>`
+keeps that file's completed groups instead of rerunning them. With several workers each preallocates 0.9/workers of the GPU
 (`XLA_PYTHON_CLIENT_MEM_FRACTION` overrides it); a group that runs out of memory is retried
 after the others with half the workers, down to one. Writes OUT/rows.json (one compact row
 per group: per-seed test/val MSE and MAE, the drop-last test scores, best-validation steps,
@@ -46,7 +47,7 @@ PRESETS = ("", "patchtst")
 RESULT_KEYS = ("test/mse", "test/mae", "test/mse_drop_last", "test/mae_drop_last",
                "final/val_mse", "final/val_mae", "select/best_step", "select/best_value")
 COMPACT_KEYS = ("dataset", "horizon", "variant", "preset", "seeds", "status", "wall_s",
-                "steps", "batch_size", "device") + tuple(
+                "steps", "batch_size", "device", "from") + tuple(
                     k + suffix for k in RESULT_KEYS for suffix in ("", "_mean", "_std"))
 
 
@@ -220,6 +221,19 @@ def markdown(rows) -> str:
   return "\n".join(lines) + "\n"
 
 
+def previous_rows(paths, preset, seeds, jobs) -> list[dict]:
+  """The completed rows of earlier rows.json files that match a job (same preset, seeds)."""
+  wanted = {(j[0], j[1], j[2]) for j in jobs}
+  out = {}
+  for path in paths:
+    for r in json.loads(Path(path).read_text())["rows"]:
+      key = (r["dataset"], r["horizon"], r["variant"])
+      if (r.get("status") == "completed" and key in wanted and r.get("preset", "") == preset
+          and list(r.get("seeds", [])) == list(seeds)):
+        out[key] = {**r, "from": str(path)}
+  return list(out.values())
+
+
 def paired(rows, key: str = "test/mse_drop_last", base: str = "mha") -> list[dict]:
   """Per (dataset, horizon) and variant: the per-seed differences variant - base of `key`
   over the seeds both completed (same seed: same batch order and data), their mean and
@@ -273,6 +287,9 @@ def main(argv=None):
   ap.add_argument("--checkpoint-epochs", type=int, default=0,
                   help="checkpoint every this many epochs (0: at the end only)")
   ap.add_argument("--epochs", type=int, default=0, help="0: the preset's")
+  ap.add_argument("--previous", action="append", default=[],
+                  help="rows.json of an earlier run: its completed groups (same preset and "
+                  "seeds) are kept, not rerun (repeatable)")
   ap.add_argument("--compilation-cache", default="~/.cache/structattn/jax",
                   help="persistent JAX compilation cache of the workers ('' to disable)")
   ap.add_argument("--set", action="append", default=[], help="dotted.key=value override")
@@ -299,7 +316,11 @@ def main(argv=None):
       for v in args.variants.split(","):
         jobs.append((ds, h, v, seeds, overrides, args.epochs, runs, deadline, args.min_left,
                      args.preset, args.checkpoint_epochs))
-  rows = []
+  rows = previous_rows(args.previous, args.preset, seeds, jobs)
+  carried = {(r["dataset"], r["horizon"], r["variant"]) for r in rows}
+  if carried:
+    print(f"{len(carried)} completed group(s) read from {args.previous}", flush=True)
+  pending = [j for j in jobs if (j[0], j[1], j[2]) not in carried]
 
   def write():
     order = {(j[0], j[1], j[2]): i for i, j in enumerate(jobs)}
@@ -319,7 +340,8 @@ def main(argv=None):
           flush=True)
     write()
 
-  schedule(jobs, args.workers, run_group, deadline, on_row)
+  if pending:
+    schedule(pending, args.workers, run_group, deadline, on_row)
   done = {(r["dataset"], r["horizon"], r["variant"]) for r in rows}
   rows += [{"dataset": j[0], "horizon": j[1], "variant": j[2], "seeds": seeds,
             "preset": args.preset, "status": "not run or stopped: time limit"}
