@@ -65,17 +65,17 @@ import jaxlib
 from flax import nnx
 
 from structattn import flops
-from structattn.attention import core
+from structattn.attention import core, dispatch
 from structattn.attention.layer import Attention, pattern_of
 from structattn.attention.spec import from_config
 
 MLR8 = (32, 8, 6, 4, 4, 4, 4, 2)  # the paper's LM setting (QK MACs 0.6008 x dense at T=1024)
-# SPEC section 7's "MLR 16/32/64/128" lists the prefix widths d_l = 16, 32, 64, 128 (the
-# contraction width at each level), i.e. per-level ranks 16|16|32|64 (they sum to d_head=128).
+# "MLR 16/32/64/128": the prefix widths d_l = 16, 32, 64, 128 (the contraction width at each
+# level), i.e. per-level ranks 16|16|32|64 (they sum to d_head=128).
 MLR4_D128 = (16, 16, 32, 64)
 # Masked dense holds L TxT score tensors: skipped beyond this T (memory).
 MASKED_MAX_T = 8192
-# Reference-code (PyTorch) MLR-8 layer, fwd+bwd ms on an H100 at B*T = 16384 (issue text).
+# Reference-code (PyTorch) MLR-8 layer, fwd+bwd ms on an H100 at B*T = 16384.
 REF_CODE_MS = {1024: 169.0, 4096: 654.0, 8192: 1301.0}
 REF_CODE_TOKENS = 16384
 
@@ -115,7 +115,7 @@ CORE_CASES = (
     Case("dense_cudnn_d128", _mha(128), "cudnn", 6, 128, dense_rank=0),
     Case("dense_xla_d128", _mha(128), "xla", 6, 128, dense_rank=1),
     Case("mlr4_d128", _mlr(128, MLR4_D128), "xla", 6, 128),
-    # the fused Mosaic GPU kernel (issue 9; the XLA path off GPU)
+    # the fused Mosaic GPU kernel (skipped where it cannot run: off GPU, float32)
     Case("mlr8_mosaic_d64", _mlr(64, MLR8), "mosaic", 12, 64),
     Case("mlr4_mosaic_d128", _mlr(128, MLR4_D128), "mosaic", 6, 128),
 )
@@ -146,20 +146,18 @@ def skip_reason(case: Case, t: int, shapes, pattern, dtype, masked_max_t: int) -
     ok, why = core.cudnn_supported(q, k, v, pattern)
     if not ok:
       return f"cuDNN: {why}"
+  if case.impl in dispatch.KERNEL_IMPLS:
+    why = dispatch.kernel_unsupported(case.impl, pattern, dtype, jax.default_backend())
+    if why:
+      return f"{case.impl}: {why}"
   return None
 
 
 def kernel_path(case: Case, shapes, pattern, dtype) -> str:
-  """Which kernel family serves the call: cudnn, reference, pallas, mosaic or xla (our JAX
-  cores)."""
-  if case.impl == "reference":
-    return "reference"
-  q, k, v = (jax.ShapeDtypeStruct(s, dtype) for s in shapes)
-  if case.impl in ("pallas", "mosaic") and core.pallas_supported(q, pattern):
-    return case.impl
-  if case.impl in ("auto", "cudnn") and core.cudnn_supported(q, k, v, pattern)[0]:
-    return "cudnn"
-  return "xla"
+  """Which implementation serves the call: cudnn, reference, pallas, mosaic or xla (our JAX
+  cores), as `dispatch.resolve` decides."""
+  (_, _, _, dk), (_, _, _, dv) = shapes[0], shapes[2]
+  return dispatch.resolve(case.impl, pattern, dtype, dk, dv, jax.default_backend())
 
 
 def normal(key, shape, dtype, scale=1.0):
@@ -216,7 +214,7 @@ def core_problem(pattern, impl, b, t, h, dk, dv, dtype):
           normal(kk, (b, t, h, dk), dtype), normal(kv, (b, t, h, dv), dtype))
 
   def fwd(q, k, v):
-    return core.attention(q, k, v, pattern, impl)
+    return dispatch.attention(q, k, v, pattern, impl)
 
   def loss(q, k, v):
     return jnp.sum(fwd(q, k, v).astype(jnp.float32))
@@ -355,13 +353,13 @@ def header(args) -> dict:
 
 # ------------------------------------------------------------------- fused Pallas kernel
 #
-#   python benchmarks/attention.py --pallas [--seq-lens ...] [--deadline-s 230]
+#   python benchmarks/attention.py --pallas [--seq-lens ...] [--time-limit 230]
 #
-# Issue 9: the fused Pallas-Triton MLR kernel (structattn.attention.pallas_mlr) against
+# The fused Pallas-Triton MLR kernel (structattn.attention.pallas_mlr) against
 # cuDNN dense attention at the same head dim and the XLA MLR core, in one table, after a
 # bf16 accuracy check (float32 masked-dense oracle on the same bf16-rounded inputs) and a
 # small tile search at T=4096.  Rows are written to --out as they finish, so a run cut off
-# by its time limit keeps what it measured; --deadline-s stops starting new steps.
+# by its time limit keeps what it measured; --time-limit stops starting new steps.
 
 PALLAS_CASES = {  # name: (config, heads, d_head, impl)
     "dense_cudnn_d64": (_mha(64), 12, 64, "cudnn"),
@@ -376,19 +374,19 @@ PALLAS_CASES = {  # name: (config, heads, d_head, impl)
 
 
 def _pallas_tile_candidates(d_head: int):
-  from structattn.attention.pallas_mlr import KernelTiles as KT, Tiles
+  from structattn.attention.kernel_config import KernelConfig as KC, KernelTiles as KT
   if d_head <= 64:
-    return [Tiles.default(64), Tiles(KT(128, 128, 8, 3), KT(128, 64, 8, 2), KT(32, 128, 8, 2)),
-            Tiles(KT(128, 64, 8, 3), KT(128, 64, 8, 3), KT(64, 64, 8, 3))]
-  return [Tiles.default(128), Tiles(KT(128, 64, 8, 2), KT(64, 64, 8, 3), KT(64, 64, 8, 3)),
-          Tiles(KT(64, 64, 4, 3), KT(128, 32, 8, 2), KT(64, 64, 8, 2))]
+    return [KC.for_pallas(64), KC(KT(128, 128, 8, 3), KT(128, 64, 8, 2), KT(32, 128, 8, 2)),
+            KC(KT(128, 64, 8, 3), KT(128, 64, 8, 3), KT(64, 64, 8, 3))]
+  return [KC.for_pallas(128), KC(KT(128, 64, 8, 2), KT(64, 64, 8, 3), KT(64, 64, 8, 3)),
+          KC(KT(64, 64, 4, 3), KT(128, 32, 8, 2), KT(64, 64, 8, 2))]
 
 
-def pallas_fn(pattern, impl: str, tiles=None, interpret: bool = False):
+def pallas_fn(pattern, impl: str, config=None, interpret: bool = False):
   if impl == "pallas":
     from structattn.attention.pallas_mlr import mlr_attention_pallas
-    return lambda q, k, v: mlr_attention_pallas(q, k, v, pattern, tiles=tiles, interpret=interpret)
-  return lambda q, k, v: core.attention(q, k, v, pattern, impl)
+    return lambda q, k, v: mlr_attention_pallas(q, k, v, pattern, config, interpret=interpret)
+  return lambda q, k, v: dispatch.attention(q, k, v, pattern, impl)
 
 
 def _pallas_inputs(spec, b, t, dtype, seed=0):
@@ -431,8 +429,8 @@ def pallas_row(name: str, t: int, args, tiles=None) -> dict:
   row.update(flops_fwd=flops.kernel_flops(b, heads, t, d, causal=True),
              flops_fwdbwd=flops.kernel_flops(b, heads, t, d, causal=True, backward=True))
   if impl == "pallas":
-    from structattn.attention.pallas_mlr import Tiles
-    tiles = tiles or Tiles.default(d)
+    from structattn.attention.kernel_config import KernelConfig
+    tiles = tiles or KernelConfig.for_pallas(d)
     row["tiles"] = dataclasses.asdict(tiles)
   t0 = time.perf_counter()
   try:
@@ -489,7 +487,7 @@ def recorder(out: Path, result: dict, start: float, finalize=lambda result: None
 def pallas_main(args) -> None:
   """Accuracy check, tile search at T=4096, then the timing table (see the section note)."""
   start = time.perf_counter()
-  late = lambda: args.deadline_s and time.perf_counter() - start > args.deadline_s
+  late = lambda: args.time_limit and time.perf_counter() - start > args.time_limit
   out = Path(args.out)
   out.parent.mkdir(parents=True, exist_ok=True)
   result = dict(header=header(args), accuracy=[], tuning=[], rows=[])
@@ -537,7 +535,7 @@ def pallas_main(args) -> None:
     extra += [(t, n) for t in args.seq_lens[2:] for n in ("mlr8_xla_d64", "mlr4_xla_d128")]
   for t, name in order + extra:
     if late():
-      log(f"deadline: stopping before {name} T={t}")
+      log(f"time limit: stopping before {name} T={t}")
       break
     row = pallas_row(name, t, args, best.get(name))
     result["rows"].append(row)
@@ -577,8 +575,8 @@ def parse_args(argv=None):
                  help="skip the masked-dense (impl='reference') case above this T")
   p.add_argument("--d-model", type=int, default=768, help="layer mode width (heads of 64)")
   p.add_argument("--pallas", action="store_true",
-                 help="issue 9: fused Pallas MLR kernel vs cuDNN and XLA MLR (see pallas_main)")
-  p.add_argument("--deadline-s", type=float, default=None,
+                 help="fused Pallas-Triton MLR kernel vs cuDNN and XLA MLR (see pallas_main)")
+  p.add_argument("--time-limit", "--deadline-s", dest="time_limit", type=float, default=None,
                  help="--pallas: start no new step after this many seconds")
   p.add_argument("--tune-t", type=int, default=4096, help="--pallas: T of the tile search (0: off)")
   p.add_argument("--skip-check", action="store_true", help="--pallas: skip the accuracy check")

@@ -1,10 +1,11 @@
-"""Sharded training on a multi-GPU machine (issue 8), synthetic tokens, one JSON file.
+"""Sharded training on a multi-GPU machine, synthetic tokens, one JSON file.
 
     python benchmarks/scale_out.py --out scale_out.json            # 2+ GPUs
+    python benchmarks/scale_out.py --out scale_out.json --time-limit 240   # stop in time
     python benchmarks/scale_out.py --smoke --out scale_out.json       # CPU, 8 fake devices
 
 Sections, in this order (each written to the JSON as soon as it finishes; later ones are
-skipped when the time budget `--budget-s` would be exceeded):
+skipped when they would not finish within `--time-limit` seconds, if one is given):
   equality    GPT (mha and mlr, bf16) trained `--steps` steps on meshes (2,1,1), (1,2,1),
               (1,1,2) against one device: per-step losses and the largest difference.
   checkpoint  a state trained on 2 devices (fsdp 2) saved with the run's orbax Manager,
@@ -37,7 +38,7 @@ from flax import nnx
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import train_throughput as tt  # noqa: E402
 
-from configs import lm as lm_configs  # noqa: E402
+from structattn.configs import lm as lm_configs  # noqa: E402
 from structattn import checkpoint as ckpt_lib  # noqa: E402
 from structattn import sharding  # noqa: E402
 from structattn import train as train_lib  # noqa: E402
@@ -124,8 +125,8 @@ def equality(args, out):
     ref = Trainer(c, args.small_vocab).train(data)
     res["runs"][f"{variant}/1"] = dict(losses=ref, seconds=time.time() - t)
     for mesh in meshes:
-      if elapsed() > args.budget_s * 0.75:
-        res["runs"][f"{variant}/{mesh}"] = "skipped (time budget)"
+      if elapsed() > args.time_limit * 0.75:
+        res["runs"][f"{variant}/{mesh}"] = "skipped (time limit)"
         continue
       t = time.time()
       got = Trainer(c, args.small_vocab, mesh).train(data)
@@ -191,7 +192,7 @@ def throughput(args, out):
   t = time.time()
   for r in runners:  # one after the other: later ones reuse XLA's autotuning results
     r.compile()
-  if n >= 2 and elapsed() < args.budget_s * 0.35:  # FSDP over all devices, if time allows
+  if n >= 2 and elapsed() < args.time_limit * 0.35:  # FSDP over all devices, if time allows
     runners.append(tt.Runner("mha", targs, (1, n, 1)).compile())
   compile_wall = time.time() - t
   for r in runners:
@@ -214,13 +215,16 @@ def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--out", required=True)
   p.add_argument("--smoke", action="store_true", help="tiny sizes (CPU check of the script)")
-  p.add_argument("--budget-s", type=float, default=240.0)
+  p.add_argument("--time-limit", "--budget-s", dest="time_limit", type=float, default=0.0,
+                 help="seconds the whole run should take at most: later sections are skipped "
+                 "when they would not fit (0: no limit)")
   p.add_argument("--sections", default="throughput,equality,checkpoint")
   p.add_argument("--steps", type=int, default=20)
   p.add_argument("--tol", type=float, default=2e-2, help="bf16 loss tolerance (absolute)")
   p.add_argument("--iters", type=int, default=15)
   p.add_argument("--rounds", type=int, default=3)
   args = p.parse_args(argv)
+  args.time_limit = args.time_limit or float("inf")  # 0: no limit
   args.dtype = "float32" if jax.default_backend() == "cpu" else "bfloat16"
   args.width, args.seq_len, args.small_batch, args.small_vocab = 256, 256, 16, 512
   args.gpt_layers, args.gpt_width, args.gpt_seq, args.gpt_batch, args.gpt_vocab = \
@@ -240,8 +244,8 @@ def main(argv=None):
   path.parent.mkdir(parents=True, exist_ok=True)
   budget_start = {"throughput": 0.0, "equality": 0.6, "checkpoint": 0.85}
   for name in args.sections.split(","):
-    if budget_start[name] > 0 and elapsed() > args.budget_s * budget_start[name]:
-      out[name] = f"skipped: {elapsed():.0f}s elapsed of a {args.budget_s:.0f}s budget"
+    if budget_start[name] > 0 and elapsed() > args.time_limit * budget_start[name]:
+      out[name] = f"skipped: {elapsed():.0f}s elapsed of a {args.time_limit:.0f}s time limit"
     else:
       t = time.time()
       try:

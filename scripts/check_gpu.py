@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from structattn.attention import core, from_config, pattern_of
+from structattn.attention import core, dispatch, from_config, pattern_of
 
 CASES = {
     "mha_d64": dict(variant="mha", num_heads=4, d_head=64),
@@ -52,7 +52,7 @@ def check(name, cfg, t, b):
 
   def loss_and_grads(impl, dtype):
     def loss(q, k, v):
-      out = core.attention(q.astype(dtype), k.astype(dtype), v.astype(dtype), pat, impl)
+      out = dispatch.attention(q.astype(dtype), k.astype(dtype), v.astype(dtype), pat, impl)
       return jnp.sum(out.astype(jnp.float32) * w), out
     (_, out), g = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(q, k, v)
     return out, g

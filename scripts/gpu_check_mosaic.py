@@ -1,30 +1,29 @@
 """One-shot H100 check of the Mosaic GPU MLR kernel (structattn.attention.mosaic_mlr).
 
-  python3 scripts/gpu_check_mosaic.py --out $OUT/mosaic.json [--deadline-s 190] [--iters 5]
+  python3 scripts/gpu_check_mosaic.py --out results/mosaic.json [--time-limit 190] [--iters 5]
       [--probes] [--pallas] [--extras] [--chunk64] [--seq-lens 4096,8192,16384]
       [--accuracy mlr8_d64,mlr4_d128,mlr3_d64_noncausal]
 
-1. accuracy: bf16 Mosaic forward with each backward option (backward='mosaic': the Mosaic
-   GPU dq and dk/dv kernels; backward='triton': the Pallas-Triton ones) vs the XLA MLR
-   path in float32 on the same bf16-rounded inputs (relative max-abs error of out, dq, dk,
-   dv), one XLA reference per config: 8 levels 32|8|6|4|4|4|4|2 at d_head 64 and 4 levels
+1. accuracy: the bf16 Mosaic kernel (forward and backward) vs the XLA MLR path in float32
+   on the same bf16-rounded inputs (relative max-abs error of out, dq, dk, dv), one XLA
+   reference per config: 8 levels 32|8|6|4|4|4|4|2 at d_head 64 and 4 levels
    with prefix widths 16|32|64|128 (ranks 16|16|32|64, benchmarks/attention.py MLR4_D128)
    at d_head 128 (block sizes T/2^(l-1), finest 8 tokens at T=1024), causal, T=1024;
    a non-causal 3-level case after the timings;
-2. timing: fwd and fwd+bwd of cuDNN dense (is_causal) and the Mosaic MLR kernel with the
-   Mosaic backward, fwd+bwd with the Triton backward (its forward is the same kernel), for
-   T in 4096, 8192, 16384 at B*T = 16384 tokens, 12 heads at d64 / 6 heads at d128
-   (helpers of benchmarks/attention.py), T-major so that the deadline cuts long T first;
-3. behind flags: --probes (forward options at T=1024: block_k=128, no schedule barrier, PV
-   into a fresh accumulator), --pallas (the Pallas-Triton MLR kernel, forward included),
-   --extras (block_k=128, the kernel on dense attention, the XLA MLR path at T=4096).
+2. timing: fwd and fwd+bwd of cuDNN dense (is_causal) and the Mosaic MLR kernel, for T in
+   4096, 8192, 16384 at B*T = 16384 tokens, 12 heads at d64 / 6 heads at d128 (helpers of
+   benchmarks/attention.py), T-major so that the time limit cuts long T first;
+3. behind flags: --probes (forward options at T=1024: block_k=128, no schedule barrier),
+   --pallas (the Pallas-Triton MLR kernel), --chunk64 (64-column q/k chunks), --extras
+   (block_k=128, the kernel on dense attention, the XLA MLR path at T=4096).
 Every case runs in its own try/except; errors are recorded in the JSON, which is rewritten
-after every step.  No new step starts after --deadline-s.
+after every step.  No new step starts after --time-limit seconds.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import json
 import sys
@@ -38,7 +37,8 @@ sys.path.insert(0, str(ROOT))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from structattn.attention import core  # noqa: E402
+from structattn.attention import dispatch  # noqa: E402
+from structattn.attention.kernel_config import KernelConfig  # noqa: E402
 
 _spec = importlib.util.spec_from_file_location("bench_attention", ROOT / "benchmarks" / "attention.py")
 bench = importlib.util.module_from_spec(_spec)
@@ -49,11 +49,9 @@ MLR8, MLR4 = bench.MLR8, bench.MLR4_D128
 CASES = {  # name: (config, heads, d_head, impl, kwargs)
     "dense_cudnn_d64": (bench._mha(64), 12, 64, "cudnn", {}),
     "mlr8_mosaic_d64": (bench._mlr(64, MLR8), 12, 64, "mosaic", {}),
-    "mlr8_mosaic_tbwd_d64": (bench._mlr(64, MLR8), 12, 64, "mosaic", {"backward": "triton"}),
     "mlr8_pallas_d64": (bench._mlr(64, MLR8), 12, 64, "pallas", {}),
     "dense_cudnn_d128": (bench._mha(128), 6, 128, "cudnn", {}),
     "mlr4_mosaic_d128": (bench._mlr(128, MLR4), 6, 128, "mosaic", {}),
-    "mlr4_mosaic_tbwd_d128": (bench._mlr(128, MLR4), 6, 128, "mosaic", {"backward": "triton"}),
     "mlr4_pallas_d128": (bench._mlr(128, MLR4), 6, 128, "pallas", {}),
     # --chunk64: 64-column q/k chunks (128-byte swizzle; the default is 32)
     "mlr8_mosaic_c64_d64": (bench._mlr(64, MLR8), 12, 64, "mosaic", {"chunk": 64}),
@@ -74,14 +72,17 @@ def err(e: BaseException) -> str:
 def fn_of(pattern, impl: str, **kw):
   if impl == "mosaic":
     from structattn.attention.mosaic_mlr import mlr_attention_mosaic
-    return lambda q, k, v: mlr_attention_mosaic(q, k, v, pattern, **kw)
+    config = KernelConfig.for_mosaic(block_k=kw.pop("block_k", 64), chunk=kw.pop("chunk", 32))
+    if "schedule_barrier" in kw:
+      config = dataclasses.replace(config, schedule_barrier=kw.pop("schedule_barrier"))
+    return lambda q, k, v: mlr_attention_mosaic(q, k, v, pattern, config, **kw)
   if impl == "pallas":
     from structattn.attention.pallas_mlr import mlr_attention_pallas
     return lambda q, k, v: mlr_attention_pallas(q, k, v, pattern, **kw)
   if impl == "cudnn":
     return lambda q, k, v: jax.nn.dot_product_attention(q, k, v, scale=1.0, is_causal=True,
                                                         implementation="cudnn")
-  return lambda q, k, v: core.attention(q, k, v, pattern, impl)
+  return lambda q, k, v: dispatch.attention(q, k, v, pattern, impl)
 
 
 def spec_pattern(cfg, heads, d, t, causal=True):
@@ -96,7 +97,7 @@ def probe(name, kw, t=1024):
     spec, pattern = spec_pattern(bench._mlr(64, MLR8), 2, 64, t)
     args = bench._pallas_inputs(spec, 1, t, jnp.bfloat16, seed=1)
     out = jax.jit(fn_of(pattern, "mosaic", **kw))(*args)
-    want = core.attention(*(x.astype(jnp.float32) for x in args), pattern, "xla")
+    want = dispatch.attention(*(x.astype(jnp.float32) for x in args), pattern, "xla")
     row["rel_err_out"] = float(jnp.abs(out.astype(jnp.float32) - want).max() / jnp.abs(want).max())
     row["ok"] = row["rel_err_out"] < 2e-2
   except Exception as e:
@@ -105,11 +106,10 @@ def probe(name, kw, t=1024):
   return row
 
 
-def accuracy(name, cfg, d, t, causal=True, heads=2, backwards=("mosaic", "triton", "mosaic_fresh")):
-  """Rows (one per backward option) of relative errors vs the float32 XLA MLR path.  If
-  the Mosaic backward fails, a row with acc_init=False (fresh wgmma accumulators added in
-  registers, the variant the interpret-mode tests check) tells a run_state problem apart."""
-  rows = [dict(case=name, T=t, causal=causal, backward=bw, kwargs={}) for bw in backwards]
+def accuracy(name, cfg, d, t, causal=True, heads=2, variants=(("default", {}),)):
+  """Rows (one per (label, kernel kwargs) variant) of relative errors vs the float32 XLA
+  MLR path."""
+  rows = [dict(case=name, T=t, causal=causal, variant=label, kwargs=kw) for label, kw in variants]
   t0 = time.perf_counter()
   try:
     spec, pattern = spec_pattern(cfg, heads, d, t, causal)
@@ -128,16 +128,9 @@ def accuracy(name, cfg, d, t, causal=True, heads=2, backwards=("mosaic", "triton
     return rows
   rows[0]["ref_wall_s"] = round(time.perf_counter() - t0, 2)
   for row in rows:
-    if row["backward"] == "mosaic_c64":
-      row.update(backward="mosaic", kwargs={"chunk": 64})
-    if row["backward"] == "mosaic_fresh":
-      if all(r.get("ok") for r in rows if r["backward"] == "mosaic"):
-        row.update(skipped="mosaic backward ok")
-        continue
-      row.update(backward="mosaic", kwargs={"acc_init": False})
     t1 = time.perf_counter()
     try:
-      fn = fn_of(pattern, "mosaic", backward=row["backward"], **row["kwargs"])
+      fn = fn_of(pattern, "mosaic", **row["kwargs"])
       got = jax.jit(lambda *a: out_and_grads(fn, *a))(*args)
       errs = {n: float(jnp.abs(g.astype(jnp.float32) - r).max() / jnp.abs(r).max())
               for n, g, r in zip(("out", "dq", "dk", "dv"), got, ref)}
@@ -184,7 +177,8 @@ def ratios(rows):
 def main():
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--out", default="mosaic.json")
-  p.add_argument("--deadline-s", type=float, default=190.0)
+  p.add_argument("--time-limit", "--deadline-s", dest="time_limit", type=float, default=190.0,
+                 help="start no new step after this many seconds")
   p.add_argument("--iters", type=int, default=5)
   p.add_argument("--tokens", type=int, default=16384)
   p.add_argument("--seq-lens", type=bench.ints, default=[4096, 8192, 16384])
@@ -197,7 +191,7 @@ def main():
   p.add_argument("--extras", action="store_true", help="option variants at T=4096")
   args = p.parse_args()
   start = time.perf_counter()
-  late = lambda: time.perf_counter() - start > args.deadline_s
+  late = lambda: time.perf_counter() - start > args.time_limit
   out = Path(args.out)
   out.parent.mkdir(parents=True, exist_ok=True)
   try:
@@ -216,13 +210,11 @@ def main():
   if args.probes:
     steps += [("probe", n, kw) for n, kw in (
         ("default", {}), ("block_k=128", {"block_k": 128}),
-        ("no_schedule_barrier", {"schedule_barrier": False}), ("acc_fresh", {"acc_init": False}))]
+        ("no_schedule_barrier", {"schedule_barrier": False}))]
   steps += [("acc", "mlr8_d64", (bench._mlr(64, MLR8), 64, 1024, True)),
             ("acc", "mlr4_d128", (bench._mlr(128, MLR4), 128, 1024, True))]
   main_rows = [("mlr8_mosaic_d64", ("fwd", "fwdbwd")), ("dense_cudnn_d64", ("fwd", "fwdbwd")),
-               ("mlr8_mosaic_tbwd_d64", ("fwdbwd",)),
-               ("mlr4_mosaic_d128", ("fwd", "fwdbwd")), ("dense_cudnn_d128", ("fwd", "fwdbwd")),
-               ("mlr4_mosaic_tbwd_d128", ("fwdbwd",))]
+               ("mlr4_mosaic_d128", ("fwd", "fwdbwd")), ("dense_cudnn_d128", ("fwd", "fwdbwd"))]
   if args.chunk64:
     main_rows += [("mlr8_mosaic_c64_d64", ("fwd", "fwdbwd")),
                   ("mlr4_mosaic_c64_d128", ("fwd", "fwdbwd"))]
@@ -239,7 +231,7 @@ def main():
   steps = [st for st in steps if st[0] != "acc" or st[1] in wanted]
   for kind, name, a in steps:
     if late():
-      log(f"deadline: stopping before {kind} {name}")
+      log(f"time limit: stopping before {kind} {name}")
       res.setdefault("not_run", []).append(f"{kind} {name} {a[0] if kind == 'time' else ''}")
       continue
     if kind == "probe":
@@ -247,14 +239,14 @@ def main():
       res["probes"] += rs
     elif kind == "acc":
       cfg, d, t, causal = a
-      rs = accuracy(name, dict(cfg), d, t, causal, backwards=(
-          "mosaic", "triton", "mosaic_fresh") + (("mosaic_c64",) if args.chunk64 else ()))
+      rs = accuracy(name, dict(cfg), d, t, causal, variants=(("default", {}),) + (
+          (("chunk64", {"chunk": 64}),) if args.chunk64 else ()))
       res["accuracy"] += rs
     else:
       rs = [timing(name, a[0], args, a[1])]
       res["rows"] += rs
     for r in rs:
-      log(f"{kind} {name} {a[0] if kind == 'time' else ''} {r.get('backward', '')} "
+      log(f"{kind} {name} {a[0] if kind == 'time' else ''} {r.get('variant', '')} "
           f"{r.get('kwargs', '') if kind == 'acc' else ''}: "
           + json.dumps({k: v for k, v in r.items() if k in (
               "ok", "rel_err", "rel_err_out", "fwd_ms", "fwdbwd_ms", "wall_s", "skipped")})
@@ -265,12 +257,12 @@ def main():
     if r.get("skipped"):
       continue
     e = r.get("rel_err") or {}
-    print(f"acc {r['case']:20s} T={r['T']:5d} bwd={r['backward']:6s} {r['kwargs'] or ''} ok={r.get('ok')} "
+    print(f"acc {r['case']:20s} T={r['T']:5d} {r['variant']:8s} ok={r.get('ok')} "
           + " ".join(f"{n} {v:.1e}" for n, v in e.items())
           + (f" {r['error'].splitlines()[0]}" if r.get("error") else ""))
   fwd_of = {(r["d_head"], r["T"], r["impl"]): r["fwd_ms"] for r in res["rows"] if r.get("fwd_ms")}
   for r in res["rows"]:
-    f = r.get("fwd_ms") or fwd_of.get((r["d_head"], r["T"], r["impl"]))  # tbwd: same forward
+    f = r.get("fwd_ms") or fwd_of.get((r["d_head"], r["T"], r["impl"]))
     bwd = r["fwdbwd_ms"] - f if f and r.get("fwdbwd_ms") else float("nan")
     print(f"{r['case']:24s} T={r['T']:6d} fwd {r.get('fwd_ms', float('nan')):8.3f} ms  "
           f"fwd+bwd {r.get('fwdbwd_ms', float('nan')):8.3f} ms  bwd~ {bwd:7.3f} ms  "

@@ -22,7 +22,7 @@ if [[ $# -lt 1 ]]; then
   sed -n '10,19p' "$0"; exit 2
 fi
 WORKDIR=$1; shift
-CONFIG=configs/lm.py:paper-mlr-768
+CONFIG=lm:paper-mlr-768
 if [[ $# -gt 0 && $1 != --* ]]; then CONFIG=$1; shift; fi
 cd "${SLURM_SUBMIT_DIR:-$(dirname "$0")/..}"
 srun --kill-on-bad-exit=1 "${PYTHON:-python3}" -m structattn.train \

@@ -14,7 +14,7 @@ if [[ $# -lt 1 || -z ${TPU:-} || -z ${ZONE:-} ]]; then
   sed -n '2,12p' "$0"; exit 2
 fi
 WORKDIR=$1; shift
-CONFIG=configs/lm.py:paper-mlr-768
+CONFIG=lm:paper-mlr-768
 if [[ $# -gt 0 && $1 != --* ]]; then CONFIG=$1; shift; fi
 REPO=${REPO:-structattn}
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"

@@ -9,7 +9,10 @@
                       group=("attention.variant",))  # ScalingFits: one GroupFit per variant
     res.write_json("out/fits.json"); print(res.format())
 
-    structattn-fit runs/lm-sweep --out=out/fits --group=attention.variant [--figures]
+    nd = fit.fit_nd_dir("runs/lm-sweep")  # {group label: LossNDFit}: L(N, D) on every eval
+
+The command line (`structattn-fit`, with figures) is `structattn.fit_cli`; this module holds
+the numerics and reads run directories, and draws nothing.
 
 **Frontier.** All runs' (x, y) points pooled; a point is on the frontier when its y is below
 every y at smaller or equal x: the lower-left staircase, strictly decreasing in y and strictly
@@ -33,13 +36,11 @@ fit that is not 'ok' or 'alpha_at_bound' are NaN.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import itertools
 import json
 import math
 import os
-import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -112,17 +113,18 @@ def frontier(curves: Iterable[Curve | tuple[Any, Any]]) -> Frontier:
 
 # ------------------------------------------------------------------------------ NNLS core
 
-def _wnnls(X_GNK: np.ndarray, y_N: np.ndarray, sw_GN: np.ndarray) -> tuple[np.ndarray,
-                                                                           np.ndarray]:
-  """Batched exact non-negative least squares min ||sw * (y - X c)||, c >= 0, for small K.
+def _wnnls(X: np.ndarray, y: np.ndarray, sw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """Batched exact non-negative least squares min ||sw * (y - X c)||, c >= 0, for few terms.
 
-  The NNLS optimum is the least-squares solution on its support, so it is the best feasible
-  one among all supports; each is solved by QR of the column-normalised weighted matrix.
-  Returns coef_GK and the weighted residual vectors r_GN.
+  X: (settings, points, terms), one design matrix per exponent setting; y: (points,); sw:
+  (settings, points) weights.  The NNLS optimum is the least-squares solution on its
+  support, so it is the best feasible one among all supports; each is solved by QR of the
+  column-normalised weighted matrix.  Returns the coefficients (settings, terms) and the
+  weighted residual vectors (settings, points).
   """
-  G, N, K = X_GNK.shape
-  Xw = X_GNK * sw_GN[..., None]
-  yw = np.broadcast_to(y_N * sw_GN, (G, N))
+  G, N, K = X.shape  # settings, points, terms
+  Xw = X * sw[..., None]
+  yw = np.broadcast_to(y * sw, (G, N))
   best_rss = np.einsum("gn,gn->g", yw, yw)  # the empty support: c = 0
   best = np.zeros((G, K))
   for size in range(1, K + 1):
@@ -151,18 +153,19 @@ def _huber(r: np.ndarray, delta: float) -> np.ndarray:
   return np.where(a <= delta, 0.5 * r**2, delta * (a - 0.5 * delta))
 
 
-def _profile(X_GNK: np.ndarray, y_N: np.ndarray, sw_N: np.ndarray, robust: bool,
+def _profile(X: np.ndarray, y: np.ndarray, w: np.ndarray, robust: bool,
              delta: float) -> tuple[np.ndarray, np.ndarray]:
-  """Objective and coefficients at each of G exponent settings (IRLS for Huber)."""
-  sw = np.broadcast_to(sw_N, X_GNK.shape[:2]).copy()
-  coef, r = _wnnls(X_GNK, y_N, sw)
+  """Objective and coefficients at each exponent setting (X: (settings, points, terms); y,
+  w: (points,)); IRLS for Huber."""
+  sw = np.broadcast_to(w, X.shape[:2]).copy()
+  coef, r = _wnnls(X, y, sw)
   if not robust:
     return np.einsum("gn,gn->g", r, r), coef
   for _ in range(12):
-    rr = (y_N - np.einsum("gnk,gk->gn", X_GNK, coef)) * sw_N
+    rr = (y - np.einsum("gnk,gk->gn", X, coef)) * w
     a = np.maximum(np.abs(rr), 1e-300)
-    coef, r = _wnnls(X_GNK, y_N, sw_N * np.sqrt(np.minimum(1.0, delta / a)))
-  rr = (y_N - np.einsum("gnk,gk->gn", X_GNK, coef)) * sw_N
+    coef, r = _wnnls(X, y, w * np.sqrt(np.minimum(1.0, delta / a)))
+  rr = (y - np.einsum("gnk,gk->gn", X, coef)) * w
   return _huber(rr, delta).sum(axis=1), coef
 
 
@@ -602,62 +605,28 @@ def fit_dir(root: str | os.PathLike, x: str = "compute/paper_macs", y: str = "ev
   return ScalingFits(str(root), x, y, group, x_pred, tuple(out))
 
 
-# ------------------------------------------------------------------------------ CLI
-
-def _parse_filter(s: str | None) -> dict[str, Any] | None:
-  """'attention.variant=mha|mlr,model.d_model=256' -> {field: [values]} (JSON-typed)."""
-  if not s:
-    return None
+def fit_nd_dir(root: str | os.PathLike, y: str = "eval/loss", n_key: str = "params/non_embedding",
+               d_key: str = "tokens", group: Sequence[str] = ("attention.variant",),
+               filter: Callable[[Mapping[str, Any]], bool] | Mapping[str, Any] | None = None, *,
+               statuses: Sequence[str] = DEFAULT_STATUSES, **fit_kwargs: Any
+               ) -> dict[str, LossNDFit]:
+  """Per group, L(N, D) = E + A N^-alpha + B D^-beta over every logged (D, y) point of every
+  run, N the run's `n_key` (a results field, e.g. non-embedding parameters) and D the metric
+  `d_key` (e.g. tokens seen at that point).  fit_kwargs go to `fit_loss_nd`."""
+  group = tuple(group)
+  curves = load_curves(root, d_key, y, filter, statuses)
+  if not curves:
+    raise FileNotFoundError(f"no runs with status in {tuple(statuses)} and ({d_key}, {y}) "
+                            f"points under {str(root)!r}")
+  results_lib.check_fields([dict(c.row) for c in curves], (*group, n_key), "group / N")
+  groups: dict[tuple, list[Curve]] = {}
+  for c in curves:
+    groups.setdefault(tuple(results_lib._hashable(c.row.get(g)) for g in group), []).append(c)
   out = {}
-  for part in s.split(","):
-    k, eq, v = part.partition("=")
-    if not eq:
-      raise ValueError(f"--filter part {part!r} is invalid: expected field=value[|value...]")
-
-    def parse(t):
-      try:
-        return json.loads(t)
-      except json.JSONDecodeError:
-        return t
-    out[k.strip()] = [parse(t) for t in v.split("|")]
+  for key in sorted(groups, key=lambda k: tuple(str(v) for v in k)):
+    cs = groups[key]
+    N = np.concatenate([np.full(len(c.x), float(c.row.get(n_key) or math.nan)) for c in cs])
+    D = np.concatenate([c.x for c in cs])
+    L = np.concatenate([c.y for c in cs])
+    out[_label(group, key)] = fit_loss_nd(N, D, L, **fit_kwargs)
   return out
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-  p = argparse.ArgumentParser(prog="structattn-fit",
-                              description="Fit L = E + A x^-alpha to each group's frontier.")
-  p.add_argument("dir", help="sweep directory")
-  p.add_argument("--out", required=True, help="output directory (writes OUT/fits.json)")
-  p.add_argument("--x", default="compute/paper_macs")
-  p.add_argument("--y", default="eval/loss", help="e.g. eval/loss or eval/last_point_se")
-  p.add_argument("--group", default="attention.variant", help="comma-separated fields")
-  p.add_argument("--filter", default=None, help="field=v1|v2,field2=v (values JSON-parsed)")
-  p.add_argument("--statuses", default=",".join(DEFAULT_STATUSES))
-  p.add_argument("--x-min", type=float, default=None)
-  p.add_argument("--best-lr-per", default=None, help="e.g. model.d_model")
-  p.add_argument("--n-boot", type=int, default=200)
-  p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--robust", action="store_true", help="Huber loss instead of squares")
-  p.add_argument("--figures", action="store_true", help="also write figures into OUT")
-  p.add_argument("--width-key", default="model.d_model")
-  a = p.parse_args(argv)
-  try:
-    group = tuple(s for s in a.group.split(",") if s)
-    res = fit_dir(a.dir, a.x, a.y, group, _parse_filter(a.filter),
-                  statuses=tuple(a.statuses.split(",")), x_min=a.x_min,
-                  best_lr_per=tuple(a.best_lr_per.split(",")) if a.best_lr_per else None,
-                  n_boot=a.n_boot, seed=a.seed, robust=a.robust)
-    print(res.format())
-    print(f"wrote {res.write_json(Path(a.out) / 'fits.json')}")
-    if a.figures:
-      from structattn import figures
-      for path in figures.make_figures(a.dir, a.out, fits=res, width_key=a.width_key):
-        print(f"wrote {path}")
-  except (FileNotFoundError, KeyError, ValueError) as e:
-    print(f"structattn-fit: error: {e.args[0] if e.args else e}", file=sys.stderr)
-    return 1
-  return 0
-
-
-if __name__ == "__main__":
-  sys.exit(main())

@@ -1,6 +1,6 @@
 """Parameter, MAC and FLOP accounting for one attention layer (pure Python, exact integers).
 
-Conventions (SPEC section 5; log both and say which):
+Conventions (README: FLOP conventions; log both and say which):
 
 * ``'paper'``: forward multiply-accumulates (MACs) of the matmuls only, for one sequence of
   length T, counted *non-causally* as the reference code does: a global level scores all

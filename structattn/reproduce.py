@@ -6,16 +6,15 @@
 Figures (`FIGURES`):
   icr-head-dim    in-context regression, finding (a): MHA's last-point error against its head
                   dim r = D / heads, one line per d_input; the error falls only once r
-                  approaches d_input.  (configs/icr.py:sweep-head-dim-<scale>)
+                  approaches d_input.  (icr:sweep-head-dim-<scale>)
   icr-compute     in-context regression, finding (b): last-point error against forward
                   compute for MHA, bilinear BTT and bilinear MLR at several widths; the
-                  structured variants below MHA at equal compute. (configs/icr.py:
-                  sweep-compute-<scale>)
+                  structured variants below MHA at equal compute. (icr:sweep-compute-<scale>)
   lm-scaling      language modelling: held-out loss against non-embedding compute per width
                   and combined, the compute frontier per variant with fitted power laws.
-                  (configs/lm.py:sweep-scaling-<scale>)
+                  (lm:sweep-scaling-<scale>)
   forecast-table  forecasting: test MSE / MAE per dataset, horizon and variant, mean and std
-                  over seeds. (configs/forecast.py:sweep-table-<scale>)
+                  over seeds. (forecast:sweep-table-<scale>)
 
 The sweep goes to WORKDIR/runs (finished points are skipped, so re-running only redraws),
 figures (PNG and PDF), `summary.json` and a markdown table to WORKDIR.
@@ -24,7 +23,6 @@ figures (PNG and PDF), `summary.json` and a markdown table to WORKDIR.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import math
 import sys
@@ -34,23 +32,13 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from structattn import results as results_lib
+from structattn.runtime import DEFAULT_CACHE
 
 
-def configs_dir() -> Path:
-  """The configs/ directory: ./configs if present, else the one beside the package."""
-  for d in (Path.cwd() / "configs", Path(__file__).resolve().parents[1] / "configs"):
-    if d.is_dir():
-      return d
-  raise FileNotFoundError("configs/ not found in the working directory or beside the package; "
-                          "run from a checkout of the repository")
-
-
-def load_preset(file: str, preset: str):
-  path = configs_dir() / file
-  spec = importlib.util.spec_from_file_location(f"structattn_configs_{path.stem}", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(preset)
+def load_preset(name: str, preset: str):
+  """The package config `name` ('icr.py' or 'icr', 'lm', 'forecast') at `preset`."""
+  from structattn import configs
+  return configs.load(f"{name.removesuffix('.py')}:{preset}")
 
 
 def _finite(v) -> bool:
@@ -249,8 +237,11 @@ FIGURES: dict[str, tuple[str, str, Callable[[Path, Path], dict]]] = {
     "forecast-table": ("forecast.py", "sweep-table", analyze_forecast_table),
 }
 SCALES = ("tiny", "short", "paper")
-# 'short' (the paper's LM architecture on a one-GPU, ten-minute budget) exists for lm-scaling.
-FIGURE_SCALES = {"lm-scaling": SCALES}
+# Staged LM studies (structattn.lm_study): learning-rate grids, then the other widths at the
+# chosen rate, then seeds; they run under --time-limit and keep their runs in --archive.
+STUDY_SCALES = ("english", "mini")
+# 'short' is the paper's LM architecture at a few minutes of one GPU.
+FIGURE_SCALES = {"lm-scaling": SCALES + STUDY_SCALES}
 
 
 def scales_for(figure: str) -> tuple[str, ...]:
@@ -259,9 +250,13 @@ def scales_for(figure: str) -> tuple[str, ...]:
 
 def reproduce(figure: str, scale: str, workdir: str, parallel: int = 1, vmap: bool = True,
               overrides: Mapping[str, Any] | None = None, analyze_only: bool = False,
-              cache_dir: str | None = "~/.cache/structattn/jax",
-              only: Sequence[str] = ()) -> dict[str, Any]:
-  """Run the figure's sweep (unless analyze_only), then its analysis; returns the summary."""
+              cache_dir: str | None = DEFAULT_CACHE,
+              only: Sequence[str] = (), time_limit: float | None = None,
+              archive: str | None = None) -> dict[str, Any]:
+  """Run the figure's sweep (unless analyze_only), then its analysis; returns the summary.
+
+  Study scales (`STUDY_SCALES`) run the pending points that fit in `time_limit` seconds and
+  keep finished runs in `archive` (default WORKDIR/runs.tar.gz), see `structattn.study`."""
   if figure not in FIGURES:
     raise ValueError(f"figure={figure!r} is invalid: allowed values are {sorted(FIGURES)}")
   if scale not in scales_for(figure):
@@ -271,6 +266,9 @@ def reproduce(figure: str, scale: str, workdir: str, parallel: int = 1, vmap: bo
   out = Path(workdir)
   runs = out / "runs"
   statuses = {}
+  if scale in STUDY_SCALES:
+    return _reproduce_study(scale, out, parallel, vmap, overrides, analyze_only, cache_dir,
+                            time_limit, archive)
   if not analyze_only:
     from structattn import sweep as sweep_lib
     config = load_preset(file, f"{preset}-{scale}")
@@ -288,6 +286,34 @@ def reproduce(figure: str, scale: str, workdir: str, parallel: int = 1, vmap: bo
   return summary
 
 
+def _reproduce_study(scale, out: Path, parallel, vmap, overrides, analyze_only, cache_dir,
+                     time_limit, archive) -> dict[str, Any]:
+  from structattn import lm_study
+  from structattn import study as study_lib
+  spec = lm_study.spec_for(scale)
+  overrides = dict(overrides or {})
+  plan = lambda runs: lm_study.plan(spec, runs, overrides)
+  if analyze_only:
+    study_lib.unpack(archive or out / "runs.tar.gz", out / "runs")
+    summary = {"statuses": {}, "ran": [], "pending": [], "skipped_for_time": []}
+  else:
+    summary = study_lib.run_study(plan, out, time_limit=time_limit, archive=archive,
+                                  parallel=parallel, vmap=vmap, cache_dir=cache_dir,
+                                  flops_of=lm_study.flops_of, startup=spec.startup_seconds)
+    print(study_lib.describe(summary), end="")
+  from structattn import frontier
+  try:
+    result = frontier.analyze(out / "runs", out, n_boot=spec.n_boot, fit_boot=spec.n_boot)
+  except ValueError as e:  # too few finished runs yet: the study goes on next time
+    result = {"report": f"analysis not yet possible: {e}"}
+  result.update(scale=scale, points=summary["statuses"] or None, study=summary,
+                chosen_lr=lm_study.chosen_lrs(spec, out / "runs", overrides))
+  result["table"] = result.get("report", "")
+  (out / "summary.json").write_text(json.dumps(result, indent=1, default=str))
+  (out / "table.md").write_text(result.get("table", "") + "\n")
+  return result
+
+
 def _parse_set(items: Sequence[str]) -> dict[str, Any]:
   out = {}
   for item in items:
@@ -302,9 +328,15 @@ def _parse_set(items: Sequence[str]) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  p = argparse.ArgumentParser(prog="structattn-reproduce", description=__doc__.split("\n")[0])
+  p = argparse.ArgumentParser(
+      prog="structattn-reproduce", description=__doc__.split("\n")[0],
+      formatter_class=argparse.RawDescriptionHelpFormatter,
+      epilog="example:\n  structattn-reproduce icr-head-dim --scale=tiny "
+      "--workdir=runs/icr-head-dim\n\nfigures and the config presets they run:\n" + "\n".join(
+          f"  {f:15s} {file.removesuffix('.py')}:{preset}-<scale>"
+          for f, (file, preset, _) in FIGURES.items()))
   p.add_argument("figure", choices=sorted(FIGURES))
-  p.add_argument("--scale", default="tiny", choices=SCALES)
+  p.add_argument("--scale", default="tiny", choices=SCALES + STUDY_SCALES)
   p.add_argument("--workdir", default=None, help="default runs/<figure>-<scale>")
   p.add_argument("--parallel", type=int, default=1)
   p.add_argument("--no-vmap", action="store_true", help="one process per seed / LR")
@@ -314,12 +346,19 @@ def main(argv: Sequence[str] | None = None) -> int:
                  "point names themselves contain commas)")
   p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                  help="override a base-config field for every point (JSON values)")
+  p.add_argument("--time-limit", type=float, default=None, metavar="SECONDS",
+                 help=f"study scales {STUDY_SCALES}: start no run that would not finish "
+                 "within this many seconds; finished runs are kept in --archive")
+  p.add_argument("--archive", default=None, metavar="FILE",
+                 help="study scales: .tar.gz of the finished run directories (no "
+                 "checkpoints), read first and rewritten after every run; default "
+                 "WORKDIR/runs.tar.gz")
   a = p.parse_args(argv)
   workdir = a.workdir or f"runs/{a.figure}-{a.scale}"
   try:
     summary = reproduce(a.figure, a.scale, workdir, a.parallel, not a.no_vmap,
                         _parse_set(a.set), a.analyze_only,
-                        only=a.only)
+                        only=a.only, time_limit=a.time_limit, archive=a.archive)
   except (ValueError, FileNotFoundError) as e:
     print(f"structattn-reproduce: error: {e}", file=sys.stderr)
     return 1

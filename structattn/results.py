@@ -39,6 +39,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from structattn.configs.renames import migrate_dict
+
 STATUSES = ("completed", "running", "failed", "pending", "unreadable")
 FIXED_COLUMNS = ("run", "status", "error")
 EVAL_METRICS = ("eval/loss", "eval/last_point_se")  # curve/eval_min uses the first present
@@ -160,7 +162,7 @@ def read_run(run_dir: str | os.PathLike, root: str | os.PathLike | None = None) 
   if err:
     errors.append(err)
   if isinstance(config, Mapping):
-    row.update(flatten(decode(dict(config))))
+    row.update(flatten(migrate_dict(decode(dict(config)))))  # older keys: current ones
   elif config is not None:
     errors.append(f"config.json: expected a JSON object, got {type(config).__name__}")
   if isinstance(result, Mapping):
@@ -414,8 +416,12 @@ def varying_config_columns(tab: Table, limit: int = 6) -> list[str]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  p = argparse.ArgumentParser(prog="structattn-results",
-                              description="Collect a sweep's run directories into a table.")
+  p = argparse.ArgumentParser(
+      prog="structattn-results", description="Collect a sweep's run directories into a table.",
+      formatter_class=argparse.RawDescriptionHelpFormatter,
+      epilog="example:\n  structattn-results runs/lm --out=runs/lm/table --best-lr\n\n"
+      "Run directories written with older config keys are read in the current ones "
+      "(README: Configs).")
   p.add_argument("dir", help="sweep directory (runs nested at any depth)")
   p.add_argument("--out", default=None, help="write OUT.csv and OUT.parquet")
   p.add_argument("--best-lr", action="store_true",

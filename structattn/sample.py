@@ -21,9 +21,9 @@ import numpy as np
 from flax import nnx
 
 from structattn import checkpoint as ckpt_lib
-from structattn import lm_data
+from structattn.lm.data import tokenizer_for
+from structattn.lm.task import build_model
 from structattn.optim import make_optimizer
-from structattn.train import build_model
 
 
 def load_run(workdir: str):
@@ -31,8 +31,9 @@ def load_run(workdir: str):
   path = Path(workdir)
   if not (path / "config.json").exists():
     raise FileNotFoundError(f"--workdir={workdir}: no config.json; is this a run directory?")
-  config = ml_collections.ConfigDict(json.loads((path / "config.json").read_text()))
-  tokenizer = lm_data.tokenizer_for(config)
+  from structattn.configs.renames import migrate_dict  # older run directories
+  config = ml_collections.ConfigDict(migrate_dict(json.loads((path / "config.json").read_text())))
+  tokenizer = tokenizer_for(config)
   _, model = build_model(config, tokenizer.vocab_size)
   graphdef, params_state, rest = nnx.split(model, nnx.Param, ...)
   params = nnx.to_pure_dict(params_state)
@@ -97,6 +98,11 @@ def main(argv=None):
   flags.DEFINE_integer("top_k", 0, "Keep the top k logits (0 = all).")
   flags.DEFINE_integer("seed", 0, "Sampling seed.")
   flags.mark_flags_as_required(["workdir"])
+  import sys
+  main_module = sys.modules.get("__main__")
+  if main_module is not None:  # absl's --help prints the main module's docstring
+    main_module.__doc__ = (f"{__doc__.rstrip()}\n\nExample:\n  structattn-sample "
+                           "--workdir=runs/tiny --prompt='ROMEO:' --max_new_tokens=200\n")
 
   def _main(argv):
     del argv

@@ -1,7 +1,7 @@
 """Config sweeps: run every point of a sweep preset, skipping finished ones.
 
-    structattn-sweep --config=configs/icr.py:sweep-head-dim-tiny --workdir=runs/icr-a
-    structattn-sweep --config=configs/lm.py:sweep-scaling-paper --workdir=runs/lm \\
+    structattn-sweep --config=icr:sweep-head-dim-tiny --workdir=runs/icr-a
+    structattn-sweep --config=lm:sweep-scaling-paper --workdir=runs/lm \\
         --parallel=2 --vmap --dry_run
 
 A sweep preset is a config with a `sweep` field: a list of override sets, each a dict of
@@ -32,7 +32,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import ml_collections
 
-DEFAULT_CACHE = "~/.cache/structattn/jax"
+from structattn.runtime import DEFAULT_CACHE, enable_compilation_cache
 
 
 # ------------------------------------------------------------------------ building sweeps
@@ -96,7 +96,7 @@ def points(config: ml_collections.ConfigDict) -> list[tuple[str, ml_collections.
   """(name, config) per sweep point, in order; names must be unique."""
   if "sweep" not in config or not config.sweep:
     raise ValueError("config has no `sweep` list: use a sweep preset such as "
-                     "configs/lm.py:sweep-scaling-tiny")
+                     "lm:sweep-scaling-tiny")
   base = ml_collections.ConfigDict(config.to_dict())
   sweep = [dict(o) for o in base.sweep]
   del base["sweep"]
@@ -142,13 +142,10 @@ def run_points(configs: Sequence[dict], workdirs: Sequence[str], vmapped: bool) 
   """Run one point (or one vmapped group); returns each member's final status.  Failures
   are recorded in the member's run directory, never raised."""
   from structattn import train as train_lib
+  del vmapped  # a point is a group of one; `groups` decides which points share a group
   cfgs = [ml_collections.ConfigDict(c) for c in configs]
   try:
-    if vmapped and len(cfgs) > 1:
-      results = train_lib.train_group(cfgs, list(workdirs))
-    else:
-      results = [train_lib.train(cfgs[0], workdirs[0])]
-    return [str(r.get("status")) for r in results]
+    return [str(r.get("status")) for r in train_lib.train_group(cfgs, list(workdirs))]
   except Exception as e:  # noqa: BLE001  (a failing point must not stop the sweep)
     return [_record_failure(Path(w), e) for w in workdirs]
 
@@ -157,15 +154,6 @@ def _worker_init(mem_fraction: float | None, cache_dir: str | None) -> None:
   if mem_fraction:
     os.environ["XLA_PYTHON_CLIENT_MEM_FRACTION"] = f"{mem_fraction:.3f}"
   enable_compilation_cache(cache_dir)
-
-
-def enable_compilation_cache(cache_dir: str | None = DEFAULT_CACHE) -> None:
-  """Turn on JAX's persistent compilation cache (no-op for None or '')."""
-  if not cache_dir:
-    return
-  import jax
-  jax.config.update("jax_compilation_cache_dir", str(Path(cache_dir).expanduser()))
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 
 def groups(pts: Sequence[tuple[str, ml_collections.ConfigDict]], vmap: bool) -> list[list[int]]:
@@ -229,10 +217,11 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str, parallel: int = 1
 
 def main(argv=None):
   from absl import app, flags, logging
-  from ml_collections import config_flags
 
-  config_flags.DEFINE_config_file("config", None, "Sweep preset, e.g. configs/icr.py:"
-                                  "sweep-head-dim-tiny.", lock_config=False)
+  from structattn import configs
+  configs.define_flag("config", example="icr:sweep-head-dim-tiny", lock_config=False)
+  configs.set_usage(__doc__, "structattn-sweep --config=icr:sweep-head-dim-tiny "
+                    "--workdir=runs/icr-a --parallel=2")
   flags.DEFINE_string("workdir", None, "Sweep directory (one run directory per point).")
   flags.DEFINE_integer("parallel", 1, "Points run at once (worker processes).")
   flags.DEFINE_bool("dry_run", False, "List the points and their status; run nothing.")

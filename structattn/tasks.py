@@ -1,10 +1,15 @@
-"""What the shared training loop needs from a task (LM, in-context regression, forecasting).
+"""What the shared training loop needs from a task (LM, in-context regression, forecasting),
+and the registry of tasks.
 
 A task turns a run config into a `TaskSetup`: the model, its training loss and held-out
 metrics as pure functions of (params, graphdef, rest, batch), the data, and the compute
 accounting.  `structattn.train.train(config, workdir)` runs any registered task:
 
     setup = tasks.build(config)          # dispatches on config.task ('lm' | 'icr' | 'forecast')
+
+Each task lives in its own package (`structattn.lm`, `structattn.icr`, `structattn.forecast`)
+and imports this module, never the loop.  The loop builds each setup once; a setup that
+depends on the run length computes it with `train_steps` (a compute budget sets it).
 
 Data comes either as a checkpointable host iterator (`train_batches`: `next()`,
 `get_state()` -> JSON-able, `set_state(state)`), or as a pure, jittable
@@ -27,7 +32,7 @@ from flax import nnx
 # config.task -> "module:function" building a TaskSetup (imported lazily: each task's data
 # stack is only imported where it is used).
 TASKS = {
-    "lm": "structattn.tasks:build_lm",
+    "lm": "structattn.lm.task:build",
     "icr": "structattn.icr.train:build",
     "forecast": "structattn.forecast.task:build",
 }
@@ -69,7 +74,18 @@ def build(config: ml_collections.ConfigDict) -> TaskSetup:
   if name not in TASKS:
     raise ValueError(f"task={name!r} is invalid: allowed values are {sorted(TASKS)}")
   module, fn = TASKS[name].split(":")
-  return getattr(importlib.import_module(module), fn)(config)
+  from structattn.configs.renames import migrate  # configs with the older keys
+  return getattr(importlib.import_module(module), fn)(migrate(config))
+
+
+def train_steps(config: ml_collections.ConfigDict, macs_per_step: float) -> int:
+  """The run length: train.steps, or ceil(train.compute_budget / macs_per_step) when a budget
+  (forward non-embedding MACs, the paper's compute axis) is positive.  A task whose setup
+  depends on the length (a curriculum) calls this with its own per-step MACs."""
+  budget = float(config.train.get("compute_budget", 0) or 0)
+  if budget > 0:
+    return max(1, int(math.ceil(budget / macs_per_step)))
+  return int(config.train.steps)
 
 
 def mean_and_sem(values: np.ndarray) -> tuple[float, float]:
@@ -77,61 +93,3 @@ def mean_and_sem(values: np.ndarray) -> tuple[float, float]:
   n = len(values)
   sem = float(values.std(ddof=1) / math.sqrt(n)) if n > 1 else float("nan")
   return float(values.mean()), sem
-
-
-# ----------------------------------------------------------------------------------- LM task
-
-
-def lm_eval_metrics(params, graphdef, rest, batch):
-  """Per-sequence held-out cross-entropy (`train.eval_step`)."""
-  from structattn.train import eval_step
-  return {"loss": eval_step(params, batch, graphdef=graphdef, rest=rest)}
-
-
-def lm_summarize(arrays: dict[str, np.ndarray], prefix: str = "eval") -> dict[str, float]:
-  """Mean held-out loss over sequences and its standard error."""
-  mean, sem = mean_and_sem(arrays["loss"])
-  return {f"{prefix}/loss": mean, f"{prefix}/loss_sem": sem,
-          f"{prefix}/sequences": int(len(arrays["loss"]))}
-
-
-class _LazyTrainIterator:
-  """The LM train iterator, built on first use (resume sets the state before)."""
-
-  def __init__(self, data):
-    self._data, self._it = data, None
-
-  def _get(self):
-    if self._it is None:
-      self._it = self._data.train_iterator()
-    return self._it
-
-  def __next__(self):
-    return next(self._get())
-
-  def get_state(self):
-    return self._get().get_state()
-
-  def set_state(self, state):
-    self._get().set_state(state)
-
-
-def build_lm(config: ml_collections.ConfigDict) -> TaskSetup:
-  from structattn import flops as flops_lib
-  from structattn import lm_data
-  from structattn.models.gpt import param_counts
-  from structattn.train import build_model, loss_fn
-  data = lm_data.build(config)  # validates the data config; fails fast on a missing corpus
-  cfg, model = build_model(config, data.vocab_size)
-  fl = flops_lib.model_flops(cfg.specs, cfg.d_model, cfg.d_mlp, data.vocab_size)
-  counts = param_counts(model)
-  return TaskSetup(
-      model=model, loss=loss_fn, eval_metrics=lm_eval_metrics, summarize=lm_summarize,
-      eval_batches=data.eval_batches(), train_batches=_LazyTrainIterator(data),
-      units_per_step=config.train.batch_size * cfg.seq_len, unit="tokens",
-      paper_macs_per_unit=fl["paper_macs_per_token"],
-      train_flops_per_unit=fl["train_flops_per_token"],
-      final={"eval/loss": "final/eval_loss", "eval/loss_sem": "final/eval_loss_sem"},
-      info={"params/total": counts["total"], "params/non_embedding": counts["non_embedding"],
-            "compute/paper_macs_per_token": fl["paper_macs_per_token"],
-            "compute/train_flops_per_token": fl["train_flops_per_token"]})

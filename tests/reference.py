@@ -1,4 +1,5 @@
-"""Independent float64 NumPy reference of the attention layer, written from SPEC section 2.
+"""Independent float64 NumPy reference of the attention layer, written from the definitions of
+the scoring functions (README: Scoring functions).
 
 It reads the raw weights out of an `Attention` module and recomputes the layer with
 explicit per-level masks and explicit bilinear matrices; no code is shared with the

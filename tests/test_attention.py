@@ -1,5 +1,7 @@
 """Every scoring function against the independent float64 reference; gradients; causality."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,60 +11,9 @@ from scipy.linalg import block_diag
 
 from structattn.attention import Attention, core, from_config, pattern_of
 from tests import reference
-
-D, T = 16, 32
-
-VARIANTS = {
-    "mha": dict(variant="mha", num_heads=2),
-    "mha_dqk": dict(variant="mha", num_heads=2, d_qk=4, scale="standard"),
-    "swa": dict(variant="swa", num_heads=2, window=5),
-    "gswa_sum": dict(variant="gswa", num_heads=2, window=6, gswa_split=(4, 4)),
-    "gswa_renorm": dict(variant="gswa", num_heads=2, window=6, gswa_split=(3, 5),
-                        gswa_combine="renorm"),
-    "mlr": dict(variant="mlr", num_heads=2, mlr_ranks=(4, 2, 2)),
-    "mlr_block_divide": dict(variant="mlr", num_heads=2, mlr_ranks=(2, 2, 2, 2),
-                             mlr_divide="block"),
-    "mlr_levels_divide": dict(variant="mlr", num_heads=2, mlr_ranks=(4, 4), mlr_divide="levels",
-                              mlr_block_sizes=(0, 4)),
-    "mlr_ternary": dict(variant="mlr", num_heads=1, d_head=8, mlr_ranks=(4, 2, 2),
-                        mlr_block_sizes=(0, 8, 2)),
-    "bilinear_mlr": dict(variant="bilinear_mlr", num_heads=2, bmlr_ranks=(2, 1, 1)),
-    "bilinear_btt": dict(variant="bilinear_btt", num_heads=2),
-    "bilinear_btt_s2": dict(variant="bilinear_btt", num_heads=1, btt_rank=2, scale="inverse"),
-    "mlbtc": dict(variant="mlbtc", num_heads=2, levels=[
-        dict(seq="global", kind="btt", rank=1),
-        dict(seq="block", size=8, kind="lowrank", rank=2, blocks=2),
-        dict(seq="block", size=4, kind="lowrank", rank=4)]),
-}
-
-
-def randomise(module, seed=0, scale=1.0):
-  """Replace every parameter by random normals (zero-init outputs would hide errors)."""
-  state = nnx.state(module, nnx.Param)
-  leaves, treedef = jax.tree.flatten(state)
-  rng = np.random.default_rng(seed)
-  new = [rng.normal(size=x.shape) * scale / np.sqrt(max(1, x.shape[-1]))
-         + (1.0 if x.ndim == 1 else 0.0)
-         for x in leaves]
-  nnx.update(module, jax.tree.unflatten(treedef, new))
-
-
-def make(cfg, d_model=D, seq_len=T, causal=True, seed=0):
-  spec = from_config(dict(cfg, causal=causal), d_model=d_model, seq_len=seq_len)
-  m = Attention(spec, rngs=nnx.Rngs(seed), dtype=jnp.float64, zero_init_out=False)
-  randomise(m, seed)
-  return m
-
-
-def run(m, x, impl=None):
-  """Jitted layer call (one compiled program instead of op-by-op dispatch)."""
-  graph, state = nnx.split(m)
-  f = jax.jit(lambda state, x: nnx.merge(graph, state)(x, impl=impl))
-  return np.asarray(f(state, x))
-
-
-def x_of(b, t, d, seed=1):
-  return jax.random.normal(jax.random.key(seed), (b, t, d), jnp.float64)
+from tests.attention_cases import (  # noqa: F401  (shared with the decode and sample tests)
+    D, PATTERNS, T, VARIANTS, make, randomise, run, x_of)
+from tests.attention_cases import random_qkv as _random_qkv
 
 
 @pytest.mark.parametrize("causal", [True, False])
@@ -96,29 +47,6 @@ def test_random_shapes_mlr_and_window(seed):
     np.testing.assert_allclose(run(m, x, "xla"),
                                reference.attention_layer(m, np.asarray(x)), rtol=1e-9, atol=1e-9,
                                err_msg=str(cfg))
-
-
-def _random_qkv(b, t, h, k, v, seed=0):
-  ks = jax.random.split(jax.random.key(seed), 3)
-  return (jax.random.normal(ks[0], (b, t, h, k), jnp.float64) / np.sqrt(k),
-          jax.random.normal(ks[1], (b, t, h, k), jnp.float64),
-          jax.random.normal(ks[2], (b, t, h, v), jnp.float64))
-
-
-PATTERNS = {
-    "mlr3": core.Pattern(("global", "block", "block"), (0, 16, 4), (3, 2, 3)),
-    "mlr3_block": core.Pattern(("global", "block", "block"), (0, 16, 4), (3, 2, 3), divide="block"),
-    "mlr_noncausal": core.Pattern(("global", "block", "block"), (0, 16, 4), (3, 2, 3), causal=False),
-    "mlr_4ary": core.Pattern(("global", "block", "block"), (0, 16, 4), (4, 2, 2)),
-    "mlr_local": core.Pattern(("block", "block"), (16, 8), (3, 3)),
-    "one_level": core.Pattern(("block",), (8,), (4,)),
-    "swa": core.Pattern(("window",), (7,), (6,)),
-    "swa_noncausal": core.Pattern(("window",), (7,), (6,), causal=False),
-    "gswa": core.Pattern(("global", "window"), (0, 9), (3, 3)),
-    "gswa_sum": core.Pattern(("global", "window"), (0, 9), (3, 3), combine="sum"),
-    "gswa_block_divide": core.Pattern(("global", "window"), (0, 9), (3, 3), divide="block"),
-    "gswa_levels_divide": core.Pattern(("global", "window"), (0, 70), (3, 3), divide="levels"),
-}
 
 
 CHUNK_CASES = [(n, t) for n in sorted(PATTERNS) for t in
@@ -320,18 +248,73 @@ def test_custom_feature_structure_plugs_in():
   assert flops.attention_params(spec)["qk"] == 16
 
 
-def test_pallas_impl_is_selectable_and_falls_back_off_gpu():
-  """impl='pallas' is a valid choice; off GPU (and for float64) it takes the XLA path."""
-  from structattn.attention import core
+def test_pallas_impl_is_selectable_and_raises_where_it_cannot_run():
+  """impl='pallas' is a valid choice; off GPU (and for float64) it raises a ValueError that
+  names attention.impl and the reason instead of taking the XLA path silently; impl='auto'
+  takes the XLA path there."""
+  from structattn.attention import dispatch
   m = make(VARIANTS["mlr"], causal=True)
   x = x_of(2, T, D)
-  np.testing.assert_allclose(run(m, x, "pallas"), reference.attention_layer(m, np.asarray(x)),
+  if jax.default_backend() != "gpu":
+    with pytest.raises(ValueError, match=r"attention\.impl='pallas' cannot run here: .*GPU"):
+      run(m, x, "pallas")
+  with pytest.raises(ValueError, match=r"attention\.impl='pallas'.*float64"):
+    dispatch.resolve("pallas", m.pattern, jnp.float64, m.spec.d_qk, m.spec.d_head, "gpu")
+  np.testing.assert_allclose(run(m, x, "auto"), reference.attention_layer(m, np.asarray(x)),
                              rtol=1e-9, atol=1e-9)
   q = jnp.zeros((1, 8, 1, 4), jnp.float32)
   pat = core.Pattern(seqs=("global", "block"), sizes=(0, 4), widths=(2, 2), causal=True)
-  assert core.pallas_supported(q, pat) == (jax.default_backend() == "gpu")
+  assert dispatch.pallas_supported(q, pat) == (jax.default_backend() == "gpu")
   pat_w = core.Pattern(seqs=("window",), sizes=(4,), widths=(4,), causal=True)
-  assert not core.pallas_supported(q, pat_w)
+  assert not dispatch.pallas_supported(q, pat_w)
+
+
+RESOLVED = [  # (variant config, impl, dtype, backend, implementation that serves it)
+    (dict(variant="mha", num_heads=2), "auto", jnp.bfloat16, "gpu", "cudnn"),
+    (dict(variant="mha", num_heads=2), "auto", jnp.float32, "gpu", "xla"),
+    (dict(variant="mha", num_heads=2), "auto", jnp.bfloat16, "cpu", "xla"),
+    (dict(variant="mha", num_heads=2), "cudnn", jnp.bfloat16, "cpu", "xla"),
+    (dict(variant="mha", num_heads=2), "xla", jnp.bfloat16, "gpu", "xla"),
+    (dict(variant="swa", num_heads=2, window=5), "auto", jnp.bfloat16, "gpu", "cudnn"),
+    (dict(variant="swa", num_heads=2, window=5, causal=False), "auto", jnp.bfloat16, "gpu",
+     "xla"),
+    (dict(variant="gswa", num_heads=2, window=6, gswa_split=(4, 4)), "auto", jnp.bfloat16, "gpu",
+     "cudnn"),
+    (dict(variant="gswa", num_heads=2, window=6, gswa_split=(4, 4), causal=False), "auto",
+     jnp.bfloat16, "gpu", "cudnn+xla"),
+    (dict(variant="gswa", num_heads=2, window=6, gswa_split=(3, 5), gswa_combine="renorm"),
+     "auto", jnp.bfloat16, "gpu", "xla"),
+    (dict(variant="mlr", num_heads=2, mlr_ranks=(4, 2, 2)), "auto", jnp.bfloat16, "gpu", "xla"),
+    (dict(variant="mlr", num_heads=2, mlr_ranks=(4, 2, 2)), "pallas", jnp.float32, "gpu",
+     "pallas"),
+    (dict(variant="mlr", num_heads=2, mlr_ranks=(4, 2, 2)), "reference", jnp.float32, "cpu",
+     "reference"),
+]
+
+
+@pytest.mark.parametrize("cfg,impl,dtype,backend,want", RESOLVED)
+def test_resolved_impl_names_what_serves_the_layer(cfg, impl, dtype, backend, want):
+  """resolved_impl is a pure function of the spec, the compute dtype and the backend; it
+  names the implementation that serves the layer (what a training loop records)."""
+  from structattn.attention import resolved_impl
+  spec = from_config(dict(cfg, impl=impl), d_model=D, seq_len=T)
+  assert resolved_impl(spec, dtype, backend) == want
+  assert resolved_impl(dataclasses.replace(spec, impl="xla"), dtype, backend, impl=impl) == want
+
+
+def test_resolved_impl_raises_for_kernels_that_cannot_run():
+  from structattn.attention import resolved_impl
+  mlr = from_config(dict(variant="mlr", num_heads=2, mlr_ranks=(4, 2, 2)), d_model=D, seq_len=T)
+  swa = from_config(dict(variant="swa", num_heads=2, window=5), d_model=D, seq_len=T)
+  for spec, impl, dtype, backend, why in [
+      (mlr, "pallas", jnp.bfloat16, "cpu", "needs a GPU"),
+      (mlr, "mosaic", jnp.bfloat16, "tpu", "needs a GPU"),
+      (mlr, "mosaic", jnp.float32, "gpu", "round the float32 inputs"),
+      (swa, "pallas", jnp.bfloat16, "gpu", "global and block levels only")]:
+    with pytest.raises(ValueError, match=rf"attention\.impl='{impl}' cannot run here: .*{why}"):
+      resolved_impl(spec, dtype, backend, impl=impl)
+  with pytest.raises(ValueError, match=r"attention\.impl='triton' is invalid"):
+    resolved_impl(mlr, jnp.bfloat16, "gpu", impl="triton")
 
 
 @pytest.mark.parametrize("widths", [(32, 8, 6, 4, 4, 4, 4, 2), (3, 1, 5), (7,)])
@@ -351,3 +334,50 @@ def test_per_level_layer_norm_normalises_each_level_segment(widths):
     np.testing.assert_allclose(got[..., a:b], want * wn[a:b], rtol=1e-10, atol=1e-10)
   with pytest.raises(ValueError, match="sum to"):
     per_level_layer_norm(x, w, widths + (1,))
+
+
+def _attention_imports():
+  """{module: attention modules it imports (module- or function-level)} for structattn.attention."""
+  import ast
+  import pathlib
+  import structattn.attention as pkg
+  root = pathlib.Path(pkg.__file__).parent
+  names = {f.stem for f in root.glob("*.py") if f.stem != "__init__"}
+  edges = {}
+  for n in names:
+    out = set()
+    for node in ast.walk(ast.parse((root / f"{n}.py").read_text())):
+      if isinstance(node, ast.ImportFrom) and node.module:
+        mods = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+      elif isinstance(node, ast.Import):
+        mods = [a.name for a in node.names]
+      else:
+        continue
+      out |= {m.split(".")[2] for m in mods
+              if m.startswith("structattn.attention.") and m.split(".")[2] in names}
+    edges[n] = out - {n}
+  return edges
+
+
+def test_attention_imports_flow_one_way():
+  """No import cycle inside structattn.attention; the kernels and the XLA cores import only
+  the leaf modules, and only dispatch (and what sits above it) chooses between them."""
+  edges = _attention_imports()
+  state = {}
+
+  def visit(n, path):
+    if state.get(n) == "done":
+      return
+    assert state.get(n) != "open", f"import cycle: {' -> '.join(path + [n])}"
+    state[n] = "open"
+    for m in sorted(edges[n]):
+      visit(m, path + [n])
+    state[n] = "done"
+
+  for n in sorted(edges):
+    visit(n, [])
+  leaves = {"pattern", "mlr_tiling", "kernel_config", "spec"}
+  for kernel in ("pallas_mlr", "mosaic_mlr", "core"):
+    assert edges[kernel] <= leaves, (kernel, edges[kernel])
+  assert "mosaic_mlr" not in edges["pallas_mlr"] and "pallas_mlr" not in edges["mosaic_mlr"]
+  assert {"core", "pallas_mlr", "mosaic_mlr"} <= edges["dispatch"]

@@ -290,6 +290,7 @@ def _build_in_subprocess(args):
   return len(list(text_lib.load_documents(corpus, "train", data_dir=root).texts()))
 
 
+@pytest.mark.slow
 def test_concurrent_builds_of_one_dataset_all_succeed(corpus_dir, tmp_path):
   """Parallel sweep points build the same TFDS dataset once, under a lock; none fails."""
   import multiprocessing

@@ -8,7 +8,8 @@ from flax import nnx
 
 from structattn.attention import core, decode
 from tests import reference
-from tests.test_attention import PATTERNS, VARIANTS, _random_qkv, make, x_of
+from tests.attention_cases import PATTERNS, VARIANTS, make, x_of
+from tests.attention_cases import random_qkv as _random_qkv
 
 D, T_TRAIN, T_DECODE = 16, 32, 40  # decode past the training length
 CHUNKS = (7, 1, 1, 5, 7, 5, 7, 7)  # chunked prefill mixed with single steps; sums to 40

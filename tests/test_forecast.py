@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from configs import forecast as fc_configs
+from structattn.configs import forecast as fc_configs
 from structattn import tasks as tasks_lib
 from structattn.results import flatten
 from structattn import train as train_lib
@@ -284,7 +284,7 @@ def test_presets_and_sweeps():
   assert fc_configs.get_config("illness-60").data.seq_len == 104
   for name in ("etth1-96", "illness-24", "exchange-720", "vic_elec-96"):
     p = fc_configs.get_config(name)  # device batches, an epoch per call, validated per epoch
-    assert p.data.pipeline == "device" and p.train.steps_per_call == p.eval.every == p.log_every
+    assert p.data.pipeline == "device" and p.train.steps_per_call == p.eval_every == p.log_every
     assert p.train.steps_per_call * p.train.batch_size >= fc_configs.train_windows(
         p.data.dataset, p.data.seq_len, p.data.horizon)
   with pytest.raises(ValueError, match="unknown preset"):
@@ -313,7 +313,7 @@ def test_tiny_model_beats_repeat_last(tmp_path, pipeline):
   c.data.source = "csv"
   c.data.pipeline = pipeline
   c.train.steps = 120
-  c.eval.every = 60
+  c.eval_every = 60
   c.progress = False
   result = train_lib.train(c, str(tmp_path))
   assert result["status"] == "completed"
@@ -475,7 +475,7 @@ def test_step_decay_is_patchtsts_type3_schedule():
   from structattn import optim
   c = fc_configs.get_config("etth1-96-mha")
   c.train.schedule = "step_decay"
-  e = c.eval.every  # steps per epoch
+  e = c.eval_every  # steps per epoch
   lr = optim.schedule(c.train)
   for epoch, want in ((1, 1.0), (4, 1.0), (5, 0.9), (6, 0.81), (30, 0.9 ** 26)):
     for step in ((epoch - 1) * e, epoch * e - 1):
@@ -558,7 +558,7 @@ def test_patchtst_preset_is_patchtst64():
   assert model.param_counts()["total"] == 16 * 16 + 16 + 64 * 16 + 3 * layer + 1024 * 96 + 96
   assert (c.train.lr, c.train.batch_size, c.train.b1, c.train.b2) == (1e-4, 128, 0.95, 0.999)
   assert c.model.dropout == 0.3 and c.data.drop_last and c.eval.select_best
-  assert c.train.steps == 100 * c.eval.every and c.eval.every == (8640 - 512 - 96 + 1) // 128
+  assert c.train.steps == 100 * c.eval_every and c.eval_every == (8640 - 512 - 96 + 1) // 128
   assert c.attention.scale == "standard" and c.attention.causal is False  # K^-0.5, K = 4
   x = jax.random.normal(jax.random.key(0), (3, 512, 7))
   assert model(x).shape == (3, 96, 7)
@@ -676,7 +676,7 @@ def test_patchtst_schedule_per_epoch():
   epoch 1 at 2.5e-3 / 25, then 2.5e-3."""
   from structattn import optim
   c = fc_configs.get_config("patchtst-etth1-96")
-  e = c.eval.every
+  e = c.eval_every
   lr = optim.schedule(c.train)
   want = {1: 4e-6, 2: 1e-4, 3: 1e-4, 4: 1e-4, 5: 9e-5, 6: 8.1e-5, 7: 7.29e-5,
           100: 1e-4 * 0.9 ** 96}
@@ -685,7 +685,7 @@ def test_patchtst_schedule_per_epoch():
       assert float(lr(step)) == pytest.approx(value, rel=1e-5), (epoch, step)
   assert c.train.b1 == 0.95
   ci = fc_configs.get_config("patchtst-illness-24")
-  lri, ei = optim.schedule(ci.train), ci.eval.every
+  lri, ei = optim.schedule(ci.train), ci.eval_every
   assert float(lri(0)) == pytest.approx(1e-4) and float(lri(ei - 1)) == pytest.approx(1e-4)
   assert float(lri(ei)) == pytest.approx(2.5e-3) and float(lri(99 * ei)) == pytest.approx(2.5e-3)
 
@@ -737,7 +737,7 @@ def test_patchtst_tiny_end_to_end(tmp_path):
     c.eval.batch_size = 1024
     c.train.update(steps=2 * per_epoch, steps_per_call=per_epoch, initial_steps=per_epoch,
                    decay_start=3 * per_epoch, decay_every=per_epoch)
-    c.eval.every = c.log_every = c.checkpoint_every = per_epoch
+    c.eval_every = c.log_every = c.checkpoint_every = per_epoch
     c.progress = False
     return c
 
@@ -782,8 +782,8 @@ def test_table_patchtst_rows_and_time_limit(tmp_path):
   assert pair["diffs"] == pytest.approx([-0.01, 0.005]) and pair["lower_on"] == 1
   assert "mlr" in table.paired_markdown([pair])
   c = table.job_config("etth2", 336, "mlr", 2, {"data.csv_dir": "/x"}, 3, "patchtst", 10)
-  assert c.seed == 2 and c.data.csv_dir == "/x" and c.train.steps == 3 * c.eval.every
-  assert c.checkpoint_every == 3 * c.eval.every and c.train.b1 == 0.95
+  assert c.seed == 2 and c.data.csv_dir == "/x" and c.train.steps == 3 * c.eval_every
+  assert c.checkpoint_every == 3 * c.eval_every and c.train.b1 == 0.95
   out = tmp_path / "out"
   table.main(["--out", str(out), "--runs", str(tmp_path / "none"), "--preset", "patchtst",
               "--datasets", "etth1", "--horizons", "96,192", "--variants", "mha",

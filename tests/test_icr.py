@@ -10,7 +10,14 @@ import pytest
 from flax import nnx
 
 from structattn.icr import baselines, task
-from structattn.icr.model import ICRModel, icr_loss, icr_train_step, predict
+from structattn.icr.model import ICRModel, icr_loss, loss_fn, predict
+from structattn.train import train_step
+
+
+def icr_train_step(params, opt_state, batch, *, graphdef, rest, tx):
+  """One optimiser step of the shared `train_step` with the ICR loss."""
+  return train_step(params, opt_state, batch, graphdef=graphdef, rest=rest, tx=tx,
+                    loss=loss_fn)
 
 
 def test_sampler_statistics_and_padding():

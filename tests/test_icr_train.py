@@ -6,18 +6,17 @@ import json
 import numpy as np
 import pytest
 
-from configs import icr as icr_configs
+from structattn.configs import icr as icr_configs
 from structattn import sweep as sweep_lib
 from structattn import train as train_lib
+from tests.helpers import small_icr
 
 
 def tiny(steps=40, seed=0, lr=1e-3, d=4, width=16, **icr):
-  c = icr_configs.get_config("tiny")
-  c.seed = seed
-  c.model.update(d_model=width, num_layers=1)
-  c.icr.update(d_input=d, **icr)
+  c = small_icr(seed=seed, width=width, d_input=d, **icr)
   c.train.update(steps=steps, lr=lr, warmup_steps=5, steps_per_call=8)
-  c.eval.update(every=20, num_prompts=64, batch_size=32)
+  c.eval_every = 20
+  c.eval.update(batches=2, batch_size=32)
   c.log_every, c.checkpoint_every, c.progress = 10, 20, False
   return c
 
@@ -26,6 +25,7 @@ def rows(path):
   return [json.loads(l) for l in (path / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_icr_run_logs_the_contract_and_baselines(tmp_path):
   res = train_lib.train(tiny(), str(tmp_path))
   assert res["status"] == "completed" and res["unit"] == "prompts"
@@ -42,6 +42,7 @@ def test_icr_run_logs_the_contract_and_baselines(tmp_path):
   assert res["final/eval_last_point_se"] == last["eval/last_point_se"]
 
 
+@pytest.mark.slow
 def test_eval_interval_need_not_divide_the_log_interval(tmp_path):
   c = tiny(steps=30)
   c.log_every, c.eval.every = 10, 15
@@ -51,6 +52,7 @@ def test_eval_interval_need_not_divide_the_log_interval(tmp_path):
   assert [x["step"] for x in r if "eval/mse" in x] == [15, 30]
 
 
+@pytest.mark.slow
 def test_steps_per_call_does_not_change_the_result(tmp_path):
   a, b = tiny(steps=24), tiny(steps=24)
   a.train.steps_per_call, b.train.steps_per_call = 1, 7
@@ -60,6 +62,7 @@ def test_steps_per_call_does_not_change_the_result(tmp_path):
                              rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_vmapped_members_equal_separate_runs(tmp_path):
   members = [tiny(seed=s, lr=lr) for s, lr in ((0, 1e-3), (1, 1e-3), (0, 3e-3))]
   group = train_lib.train_group(members, [str(tmp_path / f"m{i}") for i in range(3)])
@@ -85,16 +88,19 @@ def test_group_members_must_share_the_model():
     train_lib.train_group([a, b], ["x", "y"])
 
 
+@pytest.mark.slow
 def test_tiny_model_beats_the_zero_predictor(tmp_path):
   c = tiny(steps=400, d=4, width=32, lr=3e-3)
   c.model.num_layers = 2
   c.train.update(batch_size=256, parametrization="standard")
-  c.eval.update(every=400, num_prompts=256, batch_size=256)
+  c.eval_every = 400
+  c.eval.update(batches=1, batch_size=256)
   res = train_lib.train(c, str(tmp_path))
   assert res["final/eval_last_point_se"] < 0.85 * res["baseline/zero/last_point_se"]
   assert res["final/eval_mse"] < 0.85
 
 
+@pytest.mark.slow
 def test_compute_budget_sets_the_steps(tmp_path):
   c = tiny(steps=0)
   per_step = None
@@ -107,6 +113,7 @@ def test_compute_budget_sets_the_steps(tmp_path):
   assert res["train/steps"] == 13 and rows(tmp_path)[-1]["step"] == 13
 
 
+@pytest.mark.slow
 def test_sweep_skips_finished_points_and_records_failures(tmp_path):
   base = tiny(steps=10)
   base.sweep = [{"seed": 0}, {"seed": 1}, {"icr.d_input": 4, "icr.n_start": -3}]
@@ -124,6 +131,7 @@ def test_sweep_skips_finished_points_and_records_failures(tmp_path):
   assert again["seed=0"] == "completed" and again[bad].startswith("failed")
 
 
+@pytest.mark.slow
 def test_sweep_vmap_groups_and_names(tmp_path):
   base = tiny(steps=10)
   base.sweep = sweep_lib.product(**{"seed": (0, 1), "train.lr": (1e-3, 3e-3)})
@@ -147,3 +155,23 @@ def test_icr_presets_and_errors():
   c.icr.d_input = 0
   with pytest.raises(ValueError, match="icr.d_input"):
     train_lib.train(c, "/nonexistent/never-created")
+
+
+@pytest.mark.slow
+def test_group_resumes_from_the_step_every_member_reached(tmp_path):
+  """Each member checkpoints into its own directory; a group whose members were killed at
+  different checkpoints resumes from the newest step both have and ends where the
+  uninterrupted group ends."""
+  import shutil
+  members = [tiny(steps=40, seed=s, lr=lr) for s, lr in ((0, 1e-3), (1, 3e-3))]
+  full = train_lib.train_group(members, [str(tmp_path / f"full{i}") for i in range(2)])
+  for i in range(2):
+    shutil.copytree(tmp_path / f"full{i}", tmp_path / f"cut{i}")
+    (tmp_path / f"cut{i}" / "result.json").unlink()
+  shutil.rmtree(tmp_path / "cut1" / "checkpoints" / "40")  # member 1 was killed before 40
+  resumed = train_lib.train_group(members, [str(tmp_path / f"cut{i}") for i in range(2)])
+  for a, b in zip(full, resumed):
+    assert b["resumed_from"] == 20
+    assert b["final/eval_last_point_se"] == a["final/eval_last_point_se"]
+  for i in range(2):
+    assert [r["step"] for r in rows(tmp_path / f"cut{i}")] == [1, 10, 20, 30, 40]

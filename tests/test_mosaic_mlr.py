@@ -1,5 +1,5 @@
-"""Mosaic GPU MLR forward and backward (GPU interpret mode on CPU), and the Triton backward
-option (Pallas interpreter), against the float64 masked-dense oracle, values and gradients.
+"""Mosaic GPU MLR forward and backward (GPU interpret mode on CPU) against the float64
+masked-dense oracle, values and gradients, and its backward against the Pallas-Triton one.
 
 The kernel computes in bfloat16 with float32 accumulation; inputs are rounded to bf16
 first so the oracle sees the same operands, and tolerances are set for bf16 rounding of
@@ -15,8 +15,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from structattn.attention import core
+from structattn.attention import core, dispatch
 from structattn.attention import mosaic_mlr
+from tests.kernel_checks import check_against_oracle, lower_cuda, random_qkv
 
 warnings.filterwarnings("ignore", category=DeprecationWarning)
 
@@ -29,36 +30,13 @@ P = core.Pattern
 
 
 def _qkv(b, t, h, k, dv, seed):
-  ks = jax.random.split(jax.random.key(seed), 4)
-  rnd = lambda x: x.astype(jnp.bfloat16).astype(jnp.float32)
-  q = rnd(jax.random.normal(ks[0], (b, t, h, k), jnp.float32) * float(2 / np.sqrt(k)))
-  k_ = rnd(jax.random.normal(ks[1], (b, t, h, k), jnp.float32))
-  v = rnd(jax.random.normal(ks[2], (b, t, h, dv), jnp.float32))
-  w = jax.random.normal(ks[3], (b, t, h, dv), jnp.float32)
-  return q, k_, v, w
+  return random_qkv(b, t, h, k, dv, seed, round_bf16=True)
 
 
 def _check(pat, t, k=64, dv=64, b=1, h=1, seed=0, grads=True, tol=2e-2, **kw):
   q, k_, v, w = _qkv(b, t, h, k, dv, seed)
   fast = lambda q, k, v: mlr_attention(q, k, v, pat, **kw)
-  ref = lambda q, k, v: core.reference_attention(q, k, v, pat)
-  loss = lambda f: (lambda q, k, v: jnp.sum(f(q, k, v) * w))
-  a64 = [x.astype(jnp.float64) for x in (q, k_, v)]
-  w64 = w.astype(jnp.float64)
-  loss64 = lambda q, k, v: jnp.sum(ref(q, k, v) * w64)
-  if grads:
-    out, g_fast = jax.jit(lambda *a: (fast(*a), jax.grad(loss(fast), argnums=(0, 1, 2))(*a)))(
-        q, k_, v)
-    want, g_ref = jax.jit(lambda *a: (ref(*a), jax.grad(loss64, argnums=(0, 1, 2))(*a)))(*a64)
-  else:
-    out, want = jax.jit(fast)(q, k_, v), jax.jit(ref)(*a64)
-  assert out.shape == want.shape and out.dtype == jnp.float32
-  np.testing.assert_allclose(out, want, rtol=tol, atol=tol)
-  if grads:
-    for name, a, r in zip("qkv", g_fast, g_ref):
-      scale = float(jnp.abs(r).max())
-      assert scale > 1e-3
-      np.testing.assert_allclose(a / scale, r / scale, rtol=tol, atol=tol, err_msg=f"d{name}")
+  check_against_oracle(fast, pat, q, k_, v, w, tol, grads=grads)
 
 
 def mlr_attention(q, k, v, pat, **kw):
@@ -101,14 +79,6 @@ def test_matches_reference_values_and_grads(name, chunk):
 
 
 @needs_interpret
-@pytest.mark.parametrize("name", ["mlr8_paper", "mlr4_d128"])
-def test_triton_backward_option(name):
-  """backward='triton': the Pallas-Triton dq/dk/dv kernels behind the Mosaic forward."""
-  pat, t, kw = CASES[name]
-  _check(pat, t, backward="triton", **kw)
-
-
-@needs_interpret
 def test_mosaic_backward_batch_heads():
   """Mosaic backward with several batch rows and heads (grid axes) and a non-causal
   d128 pattern whose far levels lie on both sides of the near tiles."""
@@ -123,20 +93,20 @@ def test_mosaic_backward_matches_triton_backward(name):
   """The Mosaic dq and dk/dv kernels on the same residuals (o, base-2 lse of the Triton
   forward) as the Pallas-Triton backward: equal up to bf16 rounding of the gradients."""
   import dataclasses
+  from structattn.attention import mlr_tiling
   from structattn.attention import pallas_mlr as pm
+  from structattn.attention.kernel_config import KernelConfig
   pat, t, kw = CASES[name]
   d = kw.get("k", 64)
-  tp, lv = pm._levels_and_length(pat, t, d, d, 128)
+  tp, lv = mlr_tiling.levels_and_length(pat, t, d, d, 128)
   lv = dataclasses.replace(lv, wk=d, wv=d)
   ks = jax.random.split(jax.random.key(7), 4)
   q, k, v, do = [(jax.random.normal(x, (1, t, 1, d)) * (0.3 if i == 0 else 1.0)).astype(
       jnp.bfloat16) for i, x in enumerate(ks)]
-  tiles = pm._fit_tiles(pm.Tiles.default(d), tp)
-  pcfg = pm._Config(lv, tiles, True)
+  pcfg = pm.Static(lv, KernelConfig.for_pallas(d).fit(tp), True)
   o, lse = pm._forward(q, k, v, pcfg)
   want = pm._backward(pcfg, (q, k, v, o, lse), do)
-  cfg = mosaic_mlr._Config(mosaic_mlr.MosaicConfig(lv, 64, acc_init=False, reg_a=False), tiles,
-                           True)
+  cfg = mosaic_mlr.Static(lv, KernelConfig.for_mosaic(), interpret=True)
   got = mosaic_mlr._backward(cfg, (q, k, v, o, lse), do)
   for n, a, b in zip("qkv", got, want):
     a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
@@ -165,8 +135,6 @@ def test_rejects_unsupported():
                   P(("global", "block"), (0, 32), (32, 32), causal=False))
   with pytest.raises(ValueError, match="block_k"):
     mlr_attention(q, q, q, P(("global",), (0,), (64,)), block_k=32)
-  with pytest.raises(ValueError, match="backward"):
-    mlr_attention(q, q, q, P(("global",), (0,), (64,)), backward="xla")
 
 
 def test_rejects_bad_chunk():
@@ -178,11 +146,28 @@ def test_rejects_bad_chunk():
     mosaic_mlr.mlr_attention_mosaic(q, q, q, P(("global",), (0,), (64,)), chunk=48)
 
 
-def test_impl_mosaic_falls_back_off_gpu():
-  """attention(impl='mosaic') serves the XLA path off GPU."""
+def test_impl_mosaic_raises_where_it_cannot_run(monkeypatch):
+  """attention(impl='mosaic') never falls back silently: off GPU, with window levels, with
+  float32 inputs (which it would round to bf16) or on a jax without Mosaic GPU it raises a
+  ValueError naming attention.impl and the reason; impl='auto' serves the XLA path."""
   pat = P(("global", "block"), (0, 16), (8, 8), divide="block")
   q, k, v, _ = _qkv(1, 64, 2, 16, 16, 4)
-  out = core.attention(q, k, v, pat, impl="mosaic")
+  if jax.default_backend() != "gpu":
+    with pytest.raises(ValueError, match=r"attention\.impl='mosaic' cannot run here: .*GPU"):
+      dispatch.attention(q, k, v, pat, impl="mosaic")
+  resolve = lambda pat, dtype: dispatch.resolve("mosaic", pat, dtype, 16, 16, "gpu")
+  with pytest.raises(ValueError, match=r"attention\.impl='mosaic'.*round the float32"):
+    resolve(pat, jnp.float32)
+  with pytest.raises(ValueError, match=r"attention\.impl='mosaic'.*global and block levels"):
+    resolve(P(("global", "window"), (0, 8), (8, 8)), jnp.bfloat16)
+  with pytest.raises(ValueError, match=r"attention\.impl='mosaic'.*float64"):
+    resolve(pat, jnp.float64)
+  if mosaic_mlr.available():
+    assert resolve(pat, jnp.bfloat16) == "mosaic"
+  monkeypatch.setattr(mosaic_mlr, "plgpu", None)
+  with pytest.raises(ValueError, match=r"attention\.impl='mosaic'.*no Pallas Mosaic GPU"):
+    resolve(pat, jnp.bfloat16)
+  out = dispatch.attention(q, k, v, pat, impl="auto")
   np.testing.assert_allclose(out, core.blocked_attention(q, k, v, pat), rtol=1e-6, atol=1e-6)
 
 
@@ -193,12 +178,7 @@ LOWER_CASES = [
 
 
 def _lower_cuda(f, *args):
-  try:
-    return jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
-  except Exception as e:  # noqa: BLE001
-    if "cuda" in str(e).lower() and "platform" in str(e).lower():
-      pytest.skip(f"no CUDA lowering in this jaxlib: {e}")
-    raise
+  return lower_cuda(f, *args, skip=pytest.skip)
 
 
 @needs_interpret
@@ -304,8 +284,8 @@ def test_no_transposes_around_the_kernels():
 def test_layers_share_one_lowering_of_each_kernel():
   """Each Mosaic kernel is a jitted function of its static config, so a model with many
   identical attention layers lowers it once (private function + calls): the lowered
-  forward+backward of two layers is no bigger than one layer's plus a little glue (it was
-  2x before, and a 12-layer GPT-2-small step took ~118 s to compile on the H100)."""
+  forward+backward of two layers is no bigger than one layer's plus a little glue (without
+  the jit it is twice as big, and compile time grows with depth)."""
   pat = P(("global", "block"), (0, 128), (32, 32), divide="block")
   q = jax.ShapeDtypeStruct((1, 512, 2, 64), jnp.bfloat16)
 

@@ -2,8 +2,9 @@
 while the standard-parametrisation control (one learning rate for all) drifts."""
 
 import numpy as np
+import pytest
 
-from configs import lm as lm_configs
+from structattn.configs import lm as lm_configs
 from structattn.coord_check import coord_check
 
 
@@ -15,6 +16,7 @@ def _config(parametrization):
   return c
 
 
+@pytest.mark.slow
 def test_mup_coordinates_are_width_independent_and_sp_drifts():
   mup = np.array(list(coord_check(_config("mup")).values()))  # (widths, layers)
   sp = np.array(list(coord_check(_config("standard")).values()))

@@ -11,8 +11,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from structattn.attention import core
-from structattn.attention.pallas_mlr import KernelTiles, Tiles, mlr_attention_pallas
+from structattn.attention import core, mlr_tiling
+from structattn.attention.kernel_config import KernelConfig, KernelTiles
+from structattn.attention.pallas_mlr import mlr_attention_pallas
+from tests.kernel_checks import check_against_oracle, random_qkv
 
 warnings.filterwarnings("ignore", category=DeprecationWarning)
 
@@ -20,30 +22,14 @@ P = core.Pattern
 
 
 def _qkv(b, t, h, k, dv, seed):
-  ks = jax.random.split(jax.random.key(seed), 4)
-  q = jax.random.normal(ks[0], (b, t, h, k), jnp.float32) * float(2 / np.sqrt(k))
-  k_ = jax.random.normal(ks[1], (b, t, h, k), jnp.float32)
-  v = jax.random.normal(ks[2], (b, t, h, dv), jnp.float32)
-  w = jax.random.normal(ks[3], (b, t, h, dv), jnp.float32)
-  return q, k_, v, w
+  return random_qkv(b, t, h, k, dv, seed)
 
 
-def _check(pat, t, dv=16, bq=16, bk=16, b=2, h=2, seed=0, tiles=None, tol=2e-5):
+def _check(pat, t, dv=16, bq=16, bk=16, b=2, h=2, seed=0, config=None, tol=2e-5):
   q, k, v, w = _qkv(b, t, h, sum(pat.widths), dv, seed)
-  kw = dict(interpret=True, block_q=bq, block_k=bk, tiles=tiles)
-  fast = lambda q, k, v: mlr_attention_pallas(q, k, v, pat, **kw)
-  ref = lambda q, k, v: core.reference_attention(q, k, v, pat)
-  loss = lambda f: (lambda q, k, v: jnp.sum(f(q, k, v) * w))
-  out, g_fast = jax.jit(lambda *a: (fast(*a), jax.grad(loss(fast), argnums=(0, 1, 2))(*a)))(q, k, v)
-  a64 = [x.astype(jnp.float64) for x in (q, k, v)]
-  w = w.astype(jnp.float64)
-  want, g_ref = jax.jit(lambda *a: (ref(*a), jax.grad(loss(ref), argnums=(0, 1, 2))(*a)))(*a64)
-  assert out.shape == want.shape and out.dtype == jnp.float32
-  np.testing.assert_allclose(out, want, rtol=tol, atol=tol)
-  for name, a, r in zip("qkv", g_fast, g_ref):
-    scale = float(jnp.abs(r).max())
-    assert scale > 1e-3
-    np.testing.assert_allclose(a / scale, r / scale, rtol=tol, atol=tol, err_msg=f"d{name}")
+  kw = dict(interpret=True, block_q=bq, block_k=bk)
+  fast = lambda q, k, v: mlr_attention_pallas(q, k, v, pat, config, **kw)
+  check_against_oracle(fast, pat, q, k, v, w, tol)
 
 
 CASES = {
@@ -93,9 +79,9 @@ def test_random_shapes(seed):
   ranks = tuple(int(r) for r in rng.integers(1, 9, size=nlev))
   pat = P(("global",) + ("block",) * (nlev - 1), tuple(sizes), ranks,
           causal=bool(seed % 2 == 0), divide=["none", "block", "levels"][seed])
-  tiles = Tiles(KernelTiles(tile, 16), KernelTiles(16, tile), KernelTiles(tile, tile))
+  config = KernelConfig(KernelTiles(tile, 16), KernelTiles(16, tile), KernelTiles(tile, tile))
   _check(pat, t, dv=int(rng.choice([8, 16, 32])), b=1, h=int(rng.integers(1, 3)), seed=seed,
-         tiles=tiles, bq=None, bk=None)
+         config=config, bq=None, bk=None)
 
 
 def test_matches_blocked_attention_bf16():
@@ -149,11 +135,10 @@ def test_lowers_to_triton_for_cuda():
 def test_tile_ranges_cover_each_pair_once(name, rows_are_queries):
   """Far ranges hold only pairs of their level, the near range holds the rest; together
   they visit every attended pair exactly once and stay inside [0, T)."""
-  from structattn.attention import pallas_mlr as pm
   pat, t, kw = CASES[name]
   bq, bk = kw.get("bq", 16), kw.get("bk", 16)
-  _, lv = pm._levels_and_length(pat, t, sum(pat.widths), 8, max(bq, bk))
-  plan = pm._Plan(lv, bq, bk)
+  _, lv = mlr_tiling.levels_and_length(pat, t, sum(pat.widths), 8, max(bq, bk))
+  plan = mlr_tiling.Plan(lv, bq, bk)
   rsize, csize = (bq, bk) if rows_are_queries else (bk, bq)
   i, j = np.arange(t)[:, None], np.arange(t)[None, :]
   same = np.stack([(i // b) == (j // b) for b in lv.sizes])  # (L, T, T) query x key
@@ -161,7 +146,7 @@ def test_tile_ranges_cover_each_pair_once(name, rows_are_queries):
   valid = (lam >= 0) & ((j <= i) if pat.causal else True)
   seen = np.zeros((t, t), int)
   for r0 in range(0, t, rsize):
-    far, near = pm._ranges(plan, jnp.int32(r0), rsize, csize, rows_are_queries)
+    far, near = mlr_tiling.ranges(plan, jnp.int32(r0), rsize, csize, rows_are_queries)
     for lo, hi, l in far + [(near[0], near[1], None)]:
       lo, hi = int(lo), int(hi)
       assert 0 <= lo and hi <= t and lo % csize == 0 and hi % csize == 0
@@ -176,3 +161,79 @@ def test_tile_ranges_cover_each_pair_once(name, rows_are_queries):
         assert (lam[block] == l).all() and valid[block].all()
   np.testing.assert_array_equal(seen[valid], 1)
   assert seen[~valid].max(initial=0) <= 1
+
+
+def test_kernel_config_validates_each_field():
+  """Every invalid knob is refused when the config is built, naming the field and the
+  allowed values; the Mosaic constraints are checked by `check_mosaic`."""
+  kt = KernelTiles(64, 64)
+  cases = [
+      (lambda: KernelTiles(48, 64), r"KernelTiles\.block_q=48 .*powers of two >= 16"),
+      (lambda: KernelTiles(64, 8), r"KernelTiles\.block_k=8 .*powers of two >= 16"),
+      (lambda: KernelTiles(64, 64, num_warps=3), r"KernelTiles\.num_warps=3 .*\(1, 2, 4, 8, 16\)"),
+      (lambda: KernelTiles(64, 64, num_stages=0), r"KernelTiles\.num_stages=0 .*>= 1"),
+      (lambda: KernelConfig(kt, kt, kt, chunk=16), r"KernelConfig\.chunk=16 .*\(32, 64\)"),
+      (lambda: KernelConfig(kt, kt, kt, slots=0), r"KernelConfig\.slots=0 .*>= 1"),
+      (lambda: KernelConfig(kt, kt, (64, 64)), r"KernelConfig\.dkdv=.*KernelTiles"),
+      (lambda: KernelConfig.for_mosaic(block_k=32).check_mosaic(),
+       r"KernelConfig\.fwd\.block_k=32 .*\(64, 128\)"),
+      (lambda: KernelConfig.for_pallas(64).check_mosaic(), r"KernelConfig\.fwd\.block_q=128"),
+  ]
+  for build, match in cases:
+    with pytest.raises(ValueError, match=match):
+      build()
+  cfg = KernelConfig.for_pallas(64)
+  assert hash(cfg) == hash(KernelConfig.for_pallas(64))
+  assert cfg.with_blocks(32, 16).dq == KernelTiles(32, 16, 8, 3)
+  assert cfg.fit(48).fwd.block_q == 16
+  assert KernelConfig.for_mosaic(block_k=128).check_mosaic().fwd == KernelTiles(64, 128)
+
+
+def _with_h100_triton_info():
+  """Context: Triton lowering targets an H100 (no GPU needed); skips without the helper."""
+  import contextlib
+  try:
+    from jax._src.pallas.triton import gpu_info
+    h100 = gpu_info.get_gpu_info_from_version(gpu_info.GpuVersion.H100)
+  except (ImportError, AttributeError) as e:
+    pytest.skip(f"no Triton GPU info in this jax: {e}")
+
+  @contextlib.contextmanager
+  def patched():
+    old = gpu_info.get_gpu_info
+    gpu_info.get_gpu_info = lambda: h100
+    try:
+      yield
+    finally:
+      gpu_info.get_gpu_info = old
+  return patched()
+
+
+def test_layers_share_one_lowering_of_each_kernel():
+  """The Triton kernels are jitted on their static config, so identical attention layers
+  share one lowering of each (private function + calls): the lowered forward+backward of
+  two layers is no bigger than one layer's plus a little glue."""
+  from tests.kernel_checks import lower_cuda
+  pat = P(("global", "block"), (0, 128), (32, 32), divide="block")
+  q = jax.ShapeDtypeStruct((1, 512, 2, 64), jnp.bfloat16)
+
+  def grad_of_stack(n):
+    def loss(q, k, v):
+      for _ in range(n):
+        q = mlr_attention_pallas(q, k, v, pat)
+      return jnp.sum(q.astype(jnp.float32))
+    return jax.grad(loss, argnums=(0, 1, 2))
+
+  with _with_h100_triton_info():
+    one, two = (len(lower_cuda(grad_of_stack(n), q, q, q, skip=pytest.skip)) for n in (1, 2))
+  assert two < 1.1 * one, (one, two)
+
+
+def test_dispatch_names_attention_impl_when_the_kernel_refuses_a_shape():
+  """A shape the kernel refuses (here a non-causal length the blocks do not divide) comes
+  back from the dispatch as an error naming attention.impl, not as an XLA fallback."""
+  from structattn.attention import dispatch
+  q = jnp.zeros((1, 48, 1, 8), jnp.float32)
+  pat = P(("global", "block"), (0, 32), (4, 4), causal=False)
+  with pytest.raises(ValueError, match=r"attention\.impl='pallas' cannot run here: .*divisible"):
+    dispatch._kernel("pallas", q, q, q, pat)

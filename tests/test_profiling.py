@@ -1,4 +1,4 @@
-"""structattn.profiling: per-op device time from a jax.profiler trace."""
+"""structattn.profiling: per-op time on the device from a jax.profiler trace."""
 
 import jax
 import jax.numpy as jnp

@@ -7,10 +7,11 @@ import pytest
 from structattn import reproduce
 
 TOY = {"train.steps": 20, "train.steps_per_call": 10, "train.warmup_steps": 2,
-       "model.d_model": 16, "model.num_layers": 1, "eval.every": 10, "eval.num_prompts": 64,
+       "model.d_model": 16, "model.num_layers": 1, "eval_every": 10, "eval.batches": 1,
        "eval.batch_size": 64, "log_every": 10, "checkpoint_every": 20, "progress": False}
 
 
+@pytest.mark.slow
 def test_icr_head_dim_end_to_end(tmp_path):
   out = reproduce.reproduce("icr-head-dim", "tiny", str(tmp_path), overrides=TOY, cache_dir=None)
   assert set(out["points"].values()) == {"completed"} and len(out["points"]) == 3
@@ -28,6 +29,7 @@ def test_icr_head_dim_end_to_end(tmp_path):
   assert again["by_d_input"] == out["by_d_input"]
 
 
+@pytest.mark.slow
 def test_icr_compute_analysis_on_partial_runs(tmp_path):
   """Analysis of (b) from run directories, one of them interrupted (status running)."""
   runs = tmp_path / "runs"
@@ -61,7 +63,8 @@ def test_reproduce_errors(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("figure,scale", [
-    (f, s) for f in ["icr-head-dim", "icr-compute", "lm-scaling"] for s in reproduce.scales_for(f)])
+    (f, s) for f in ["icr-head-dim", "icr-compute", "lm-scaling"] for s in reproduce.scales_for(f)
+    if s not in reproduce.STUDY_SCALES])
 def test_every_sweep_point_has_a_valid_attention_spec(figure, scale):
   """Catch invalid points (e.g. MLR ranks that do not sum to the head width) before a sweep."""
   from structattn import sweep

@@ -6,14 +6,14 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from configs import lm as lm_configs
+from structattn.configs import lm as lm_configs
 from structattn import sample as sample_lib
 from structattn.models.gpt import GPT, GPTConfig
-from tests.test_attention import randomise
+from tests.attention_cases import randomise
 
 
 def tiny_gpt(variant, pos="learned", seq_len=32):
-  c = lm_configs.get_config(f"tiny-{variant}")
+  c = lm_configs.get_config("tiny-mha" if variant == "mixed" else f"tiny-{variant}")
   c.model.update(d_model=16, num_layers=2, seq_len=seq_len, dtype="float64", pos=pos,
                  attention_pattern="" if variant != "mixed" else "mha|swa")
   c.attention.update(num_heads=2, window=5, mlr_ranks=(4, 2, 1, 1), gswa_split=(4, 4),

@@ -285,7 +285,8 @@ def test_fit_dir_and_cli(sweep, tmp_path, capsys):
   with pytest.raises(KeyError, match="group: field 'attention.kind'"):
     fit.fit_dir(sweep, group=("attention.kind",))
 
-  assert fit.main([str(sweep), f"--out={tmp_path}", "--n-boot=10"]) == 0
+  from structattn import fit_cli
+  assert fit_cli.main([str(sweep), f"--out={tmp_path}", "--n-boot=10"]) == 0
   assert "mlr" in capsys.readouterr().out
   d = json.loads((tmp_path / "fits.json").read_text())
   assert d["x"] == "compute/paper_macs" and d["group"] == ["attention.variant"]
@@ -305,6 +306,7 @@ def test_figures_written(sweep, tmp_path):
     assert p.stat().st_size > 1000 and head[:4] in (b"\x89PNG", b"%PDF")
 
 
+@pytest.mark.slow
 def test_notebook_executes(sweep, tmp_path, monkeypatch):
   nbformat = pytest.importorskip("nbformat")
   nbclient = pytest.importorskip("nbclient")
@@ -319,3 +321,15 @@ def test_notebook_executes(sweep, tmp_path, monkeypatch):
                    for o in c.outputs)
   assert "mlr" in text and "alpha" in text and "lowest predicted" in text
   assert any("image/png" in o.get("data", {}) for c in nb.cells for o in c.get("outputs", []))
+
+
+def test_fit_cli_reaches_the_loss_nd_fit(sweep, tmp_path, capsys):
+  """`structattn-fit --nd` fits L(N, D) per group: N the runs' parameters, D tokens."""
+  from structattn import fit_cli
+  nd = fit.fit_nd_dir(sweep, n_boot=2)
+  assert set(nd) == {"mha", "mlr"} and all(f.n_points > 6 for f in nd.values())
+  assert fit_cli.main([str(sweep), f"--out={tmp_path}", "--n-boot=2", "--nd"]) == 0
+  assert "L(N, D) mha" in capsys.readouterr().out
+  d = json.loads((tmp_path / "fits_nd.json").read_text())
+  assert d["N"] == "params/non_embedding" and set(d["fits"]) == {"mha", "mlr"}
+  assert fit_cli.main([str(sweep), f"--out={tmp_path}", "--nd", "--n-key=params/nope"]) == 1

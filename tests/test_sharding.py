@@ -14,21 +14,20 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from configs import lm as lm_configs
 from structattn import distributed
 from structattn import sharding
 from structattn import train as train_lib
 from structattn.models.gpt import GPT, GPTConfig
+from structattn.configs import lm as lm_configs
 from structattn.optim import make_optimizer
+from tests.helpers import on_corpus, small_icr, small_lm
 
 VOCAB = 96
 MESHES = [(8, 1, 1), (2, 4, 1), (2, 2, 2)]
 
 
 def model_config(variant, seq_len=64, d_model=32, heads=2, pos="learned"):
-  c = lm_configs.get_config(f"tiny-{variant}")
-  c.model.update(d_model=d_model, num_layers=2, seq_len=seq_len, dtype="float32", pos=pos)
-  c.attention.update(num_heads=heads, mlr_ranks=(8, 4, 2, 2), window=16)
+  c = small_lm(variant, d_model=d_model, seq_len=seq_len, heads=heads, pos=pos)
   c.train.update(lr=1e-2, warmup_steps=2, steps=5)
   return c
 
@@ -134,6 +133,7 @@ def test_parameters_and_optimizer_state_follow_logical_axes():
 
 
 @pytest.mark.parametrize("variant", ["mha", "mlr"])
+@pytest.mark.slow
 def test_sharded_loss_equals_single_device(variant):
   c = model_config(variant)
   data = batches(5)
@@ -167,6 +167,7 @@ def collectives(hlo_text):
 
 
 @pytest.mark.parametrize("variant", ["mlr", "swa"])
+@pytest.mark.slow
 def test_attention_stays_local_to_its_shard(variant):
   """Batch over (data, fsdp), heads over tensor, T unsharded: the compiled train step has no
   collective of a TxT tensor, nor of any q/k/v/score-like tensor (rank >= 4 with a T axis);
@@ -196,16 +197,16 @@ def test_attention_stays_local_to_its_shard(variant):
 
 
 def lm_run_config(corpus, steps, mesh=(1, 1, 1), devices=0):
-  c = model_config("mlr")
-  c.data.corpus = str(corpus)
-  c.data.data_dir = str(corpus.parent / "tfds")
+  c = on_corpus(model_config("mlr"), corpus)
   c.train.update(steps=steps, batch_size=8)
-  c.eval.update(every=1000, batches=1, batch_size=8)
+  c.eval_every = 1000
+  c.eval.update(batches=1, batch_size=8)
   c.log_every, c.checkpoint_every, c.progress = 5, 5, False
   c.mesh.update(data=mesh[0], fsdp=mesh[1], tensor=mesh[2], devices=devices)
   return c
 
 
+@pytest.mark.slow
 def test_checkpoint_restores_on_another_mesh_and_training_continues(corpus, tmp_path):
   """A run on 8 devices (data 2, fsdp 4), restarted from its step-5 checkpoint on a 4-device
   sub-mesh (data only) and on 8 devices with data parallelism only (fsdp -> data): both end
@@ -230,18 +231,16 @@ def test_checkpoint_restores_on_another_mesh_and_training_continues(corpus, tmp_
   assert [r["step"] for r in rows] == [1, 5, 10]
 
 
+@pytest.mark.slow
 def test_batch_fn_path_and_vmapped_group_on_a_mesh(tmp_path):
   """In-context regression (prompts drawn on device) as a vmapped group of two members on a
   (4, 1, 2) mesh equals the same group unsharded."""
-  from configs import icr as icr_configs
 
   def cfg(seed, lr, mesh):
-    c = icr_configs.get_config("tiny")
-    c.seed = seed
-    c.model.update(d_model=16, num_layers=1)
-    c.icr.update(d_input=4)
+    c = small_icr(seed=seed)
     c.train.update(steps=8, lr=lr, warmup_steps=2, steps_per_call=4)
-    c.eval.update(every=8, num_prompts=64, batch_size=32)
+    c.eval_every = 8
+    c.eval.update(batches=2, batch_size=32)
     c.log_every, c.checkpoint_every, c.progress = 8, 8, False
     c.mesh = ml_collections.ConfigDict(dict(data=mesh[0], fsdp=mesh[1], tensor=mesh[2]))
     return c
@@ -281,6 +280,7 @@ def test_manager_restores_onto_given_shardings(tmp_path):
     assert int(o["count"]) == 3
 
 
+@pytest.mark.slow
 def test_two_processes_resume_exactly(corpus, tmp_path):
   """The multi-host path on one machine: two processes (jax.distributed with explicit
   coordinator flags, gloo CPU collectives) x 2 devices, mesh data 2 x tensor 2 (tensor within
@@ -301,9 +301,9 @@ def test_two_processes_resume_exactly(corpus, tmp_path):
       port = s.getsockname()[1]
     env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo",
                XLA_FLAGS="--xla_force_host_platform_device_count=2", PYTHONPATH=str(root))
-    cmd = [sys.executable, "-m", "structattn.train", f"--config={root}/configs/lm.py:tiny-mlr",
+    cmd = [sys.executable, "-m", "structattn.train", f"--config={root}/structattn/configs/lm.py:tiny-mlr",
            f"--workdir={workdir}", f"--config.data.corpus={corpus}",
-           f"--config.data.data_dir={corpus.parent / 'tfds'}", "--config.model.d_model=32",
+           f"--config.data.tfds_dir={corpus.parent / 'tfds'}", "--config.model.d_model=32",
            "--config.model.seq_len=64", "--config.model.dtype=float32",
            "--config.attention.num_heads=2", f"--config.train.steps={steps}",
            "--config.train.batch_size=8", "--config.eval.batches=1", "--config.eval.batch_size=8",

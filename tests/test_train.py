@@ -2,31 +2,29 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 
-from configs import lm as lm_configs
 from structattn import train as train_lib
+from structattn.configs import lm as lm_configs
+from tests.helpers import on_corpus, small_lm
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def tiny_config(tmp_corpus, variant="mha", steps=30):
-  c = lm_configs.get_config(f"tiny-{variant}")
-  c.data.corpus = str(tmp_corpus)
-  c.data.data_dir = str(tmp_corpus.parent / "tfds")
-  c.model.update(d_model=32, num_layers=2, seq_len=64, dtype="float32")
-  c.attention.num_heads = 2
-  c.attention.mlr_ranks = (8, 4, 2, 2)
-  c.attention.window = 16
+  c = on_corpus(small_lm(variant), tmp_corpus)
   c.train.update(steps=steps, batch_size=8, lr=1e-2, warmup_steps=5)
-  c.eval.update(every=10, batches=2, batch_size=8)
+  c.eval_every = 10
+  c.eval.update(batches=2, batch_size=8)
   c.log_every = 5
   c.checkpoint_every = 10
   c.progress = False
@@ -34,6 +32,7 @@ def tiny_config(tmp_corpus, variant="mha", steps=30):
 
 
 @pytest.mark.parametrize("variant", ["mha", "mlr"])
+@pytest.mark.slow
 def test_tiny_training_lowers_loss_and_writes_rundir(corpus, tmp_path, variant):
   config = tiny_config(corpus, variant)
   result = train_lib.train(config, str(tmp_path))
@@ -58,9 +57,9 @@ def test_tiny_training_lowers_loss_and_writes_rundir(corpus, tmp_path, variant):
 
 
 def _run_cli(workdir, corpus, extra=(), kill_after_step=None):
-  cmd = [sys.executable, "-m", "structattn.train", f"--config={ROOT}/configs/lm.py:tiny-mlr",
+  cmd = [sys.executable, "-m", "structattn.train", "--config=lm:tiny-mlr",
          f"--workdir={workdir}", f"--config.data.corpus={corpus}",
-         f"--config.data.data_dir={corpus.parent / 'tfds'}", "--config.model.d_model=32",
+         f"--config.data.tfds_dir={corpus.parent / 'tfds'}", "--config.model.d_model=32",
          "--config.model.seq_len=64", "--config.model.dtype=float32",
          "--config.attention.num_heads=2", "--config.attention.window=16",
          "--config.train.steps=40", "--config.train.batch_size=8", "--config.eval.batches=2",
@@ -86,6 +85,7 @@ def _run_cli(workdir, corpus, extra=(), kill_after_step=None):
   proc.wait()
 
 
+@pytest.mark.slow
 def test_kill_and_resume_matches_uninterrupted(corpus, tmp_path):
   full, resumed = tmp_path / "full", tmp_path / "resumed"
   _run_cli(full, corpus)
@@ -103,6 +103,17 @@ def test_kill_and_resume_matches_uninterrupted(corpus, tmp_path):
   assert steps == sorted(set(steps))  # no duplicated rows after the resume
 
 
+@pytest.mark.slow
+def test_mlbtc_preset_trains(corpus, tmp_path):
+  """The general family from a preset: global BTT plus two nested low-rank block levels."""
+  config = tiny_config(corpus, "mlbtc", steps=3)
+  result = train_lib.train(config, str(tmp_path))
+  assert result["status"] == "completed" and np.isfinite(result["final/train_loss"])
+  saved = json.loads((tmp_path / "config.json").read_text())["attention"]
+  assert saved["variant"] == "mlbtc" and [lv["kind"] for lv in saved["levels"]] == [
+      "btt", "lowrank", "lowrank"]
+
+
 def test_bad_override_and_unknown_preset(corpus, tmp_path):
   with pytest.raises(ValueError, match="unknown preset"):
     lm_configs.get_config("huge")
@@ -117,6 +128,7 @@ def test_bad_override_and_unknown_preset(corpus, tmp_path):
     train_lib.train(config, str(tmp_path))
 
 
+@pytest.mark.slow
 def test_corrupt_checkpoint_is_reported(corpus, tmp_path):
   from structattn.checkpoint import CorruptCheckpointError
   config = tiny_config(corpus, steps=10)
@@ -129,6 +141,7 @@ def test_corrupt_checkpoint_is_reported(corpus, tmp_path):
     train_lib.train(config, str(tmp_path))
 
 
+@pytest.mark.slow
 def test_grad_accumulation_matches_one_big_batch(corpus, tmp_path):
   a = tiny_config(corpus, steps=3)
   b = tiny_config(corpus, steps=3)
@@ -138,6 +151,7 @@ def test_grad_accumulation_matches_one_big_batch(corpus, tmp_path):
   np.testing.assert_allclose(ra["final/train_loss"], rb["final/train_loss"], rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_with_a_final_checkpoint(corpus, tmp_path):
   config = tiny_config(corpus, steps=40)
   config.train.update(lr=1e38, warmup_steps=0, clip_norm=0.0)  # overflows to inf, then NaN
@@ -147,3 +161,108 @@ def test_non_finite_loss_stops_with_a_final_checkpoint(corpus, tmp_path):
   res = json.loads((tmp_path / "result.json").read_text())
   assert res["status"].startswith("failed: non-finite training loss")
   assert any(p.name.isdigit() for p in (tmp_path / "checkpoints").iterdir())
+
+
+@pytest.mark.slow
+def test_group_members_write_their_own_checkpoints_and_sample(corpus, tmp_path):
+  """A vmapped group of two tiny LMs: each member's run directory has its own checkpoints,
+  and `structattn-sample --workdir=<member>` samples from that member's parameters."""
+  from structattn import sample as sample_lib
+  members = [tiny_config(corpus, steps=10) for _ in range(2)]
+  members[1].seed, members[1].train.lr = 1, 3e-3
+  dirs = [tmp_path / "m0", tmp_path / "m1"]
+  results = train_lib.train_group(members, [str(d) for d in dirs])
+  assert [r["status"] for r in results] == ["completed", "completed"]
+  for d in dirs:
+    assert sorted(int(p.name) for p in (d / "checkpoints").iterdir() if p.name.isdigit()) == [10]
+  (_, m0, _), (config1, m1, _) = (sample_lib.load_run(str(d)) for d in dirs)
+  assert config1.seed == 1
+  w0, w1 = (np.asarray(m.embed[...]) for m in (m0, m1))
+  assert not np.allclose(w0, w1)  # member 1's own parameters, not member 0's
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
+  out = subprocess.run([sys.executable, "-m", "structattn.sample", f"--workdir={dirs[1]}",
+                        "--prompt=ROMEO:", "--max_new_tokens=8", "--temperature=0"],
+                       check=True, env=env, cwd=ROOT, capture_output=True, text=True).stdout
+  assert out.startswith("ROMEO:") and len(out.rstrip("\n")) >= len("ROMEO:") + 1
+
+
+@pytest.mark.slow
+def test_fresh_start_truncates_metrics(corpus, tmp_path):
+  """A run killed before its first checkpoint restarts from step 0 without duplicate rows."""
+  config = tiny_config(corpus, steps=10)
+  train_lib.train(config, str(tmp_path))
+  first = (tmp_path / "metrics.jsonl").read_text()
+  shutil.rmtree(tmp_path / "checkpoints")
+  (tmp_path / "result.json").unlink()
+  res = train_lib.train(config, str(tmp_path))
+  assert res["resumed_from"] == 0
+  steps = [json.loads(l)["step"] for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  assert steps == [json.loads(l)["step"] for l in first.splitlines()] == [1, 5, 10]
+
+
+@pytest.mark.slow
+def test_checkpoint_of_the_older_layout_resumes(corpus, tmp_path):
+  """A single run's checkpoint in the older layout (`state/` with params and optimiser state,
+  `data/` the iterator state) resumes, and ends where the uninterrupted run ends."""
+  import orbax.checkpoint as ocp
+  from structattn import checkpoint as ckpt_lib
+  full = train_lib.train(tiny_config(corpus, steps=20), str(tmp_path / "full"))
+  new, old = tmp_path / "new", tmp_path / "old"
+  train_lib.train(tiny_config(corpus, steps=10), str(new))
+  mgr = ckpt_lib.Manager(new / "checkpoints")
+  like = {k: jax.tree.map(np.asarray, v) for k, v in _template(mgr, new).items()}
+  items, meta = mgr.read(10, like)
+  mgr.close()
+  old.mkdir()
+  for f in ("config.json", "metrics.jsonl"):
+    shutil.copy(new / f, old / f)
+  legacy = ocp.CheckpointManager(old / "checkpoints")
+  legacy.save(10, args=ocp.args.Composite(state=ocp.args.StandardSave(items),
+                                          data=ocp.args.JsonSave(meta["data"])))
+  legacy.wait_until_finished()
+  legacy.close()
+  resumed = train_lib.train(tiny_config(corpus, steps=20), str(old))
+  assert resumed["resumed_from"] == 10
+  assert abs(resumed["final/train_loss"] - full["final/train_loss"]) <= 1e-6
+  assert abs(resumed["final/eval_loss"] - full["final/eval_loss"]) <= 1e-6
+
+
+def _template(mgr, workdir):
+  """Arrays shaped like a run directory's params and optimiser state."""
+  from flax import nnx
+  from structattn import tasks
+  from structattn.optim import make_optimizer
+  import ml_collections
+  config = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
+  params_state = nnx.split(tasks.build(config).model, nnx.Param, ...)[1]
+  params = nnx.to_pure_dict(params_state)
+  return {"params": params, "opt_state": make_optimizer(config.train, params_state)[0].init(
+      params)}
+
+
+@pytest.mark.slow
+def test_stacked_group_checkpoint_of_the_older_layout_is_refused(corpus, tmp_path):
+  """Older versions kept a group's stacked checkpoints in one group directory: resuming from
+  one fails naming it rather than silently starting afresh."""
+  (tmp_path / "group-m0+m1" / "checkpoints" / "10").mkdir(parents=True)
+  members = [tiny_config(corpus, steps=10) for _ in range(2)]
+  members[1].seed = 1
+  with pytest.raises(train_lib.LegacyCheckpointError, match="group-m0\\+m1"):
+    train_lib.train_group(members, [str(tmp_path / "m0"), str(tmp_path / "m1")])
+
+
+def test_peak_flops_by_device_kind():
+  from structattn.hardware import peak_flops
+
+  class Device:
+    def __init__(self, kind):
+      self.device_kind = kind
+
+  for kind, peak in (("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12),
+                     ("NVIDIA H200", 989e12), ("NVIDIA A100-SXM4-80GB", 312e12),
+                     ("NVIDIA B200", 2.25e15), ("TPU v4", 275e12), ("TPU v5 lite", 197e12),
+                     ("TPU v5e", 197e12), ("TPU v5p", 459e12), ("TPU v6 lite", 918e12)):
+    assert peak_flops(Device(kind)) == peak, kind
+  assert peak_flops(Device("cpu")) is None and peak_flops(Device("Tesla T4")) is None
+  assert peak_flops(object()) is None
+  assert peak_flops(jax.devices("cpu")[0]) is None  # so CPU rows carry no throughput/mfu

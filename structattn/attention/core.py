@@ -1,24 +1,22 @@
-"""Attention cores: softmax attention over structured score patterns.
+"""XLA attention cores: softmax attention over structured score patterns.
 
 Every core takes per-head queries and keys whose level scales are already folded in
-(q_BTHK, k_BTHK, K = sum of level widths) and values v_BTHV, and returns out_BTHV.
-
-Score pattern (`Pattern`): a list of levels coarse to fine, each with a sequence extent
-(global / block of size b / causal band of width w) and a feature width.  Because the
-extents nest, a pair (i, j) uses exactly the *prefix* q_i[:d] . k_j[:d] of the
-concatenated features, with d the cumulative width up to its deepest shared level.
+(q_BTHK, k_BTHK, K = sum of level widths) and values v_BTHV, and returns out_BTHV.  The
+score pattern is a `pattern.Pattern`.  Choosing between these cores, cuDNN and the fused
+kernels is `dispatch.attention`'s job; `xla_attention` picks the XLA core of a pattern.
 
 Implementations
   * `reference_attention`: the maths as written, one dense TxT score matrix built as a
     sum of masked per-level products.  Simple and slow; the tests' oracle.
-  * `dense_attention`: one global level; `jax.nn.dot_product_attention` (XLA or cuDNN).
+  * `dense_attention_xla` / `cudnn_attention`: one global level (or one window for cuDNN)
+    through `jax.nn.dot_product_attention`.
   * `blocked_attention`: nested block levels.  Pairs are partitioned into pieces with a
     single contraction width (per level: each child block against each earlier sibling;
     at the finest level the causal diagonal blocks), each piece is a batched product
     with no masking, and pieces are merged by log-sum-exp.  FLOPs and memory follow the
     block sparsity; large pieces are processed in rematerialised query chunks, so the
     backward pass never holds more than a chunk of scores per head.
-  * `banded_attention`: causal (or symmetric) band of width w in query chunks: O(T*w).
+  * `windowed_attention`: causal (or symmetric) band of width w in query chunks: O(T*w).
   * global|window (GSWA): either one softmax over the summed scores (renorm) or the sum
     of two separately normalised softmaxes (the reference code's `sum`).
 """
@@ -27,38 +25,15 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
+
+from structattn.attention.pattern import Pattern
 
 NEG = -1e30  # finite "minus infinity" keeps exp/merge NaN-free for empty rows.
 QUERY_CHUNK = 512
 MIN_TILE = 64
-
-
-@dataclasses.dataclass(frozen=True)
-class Pattern:
-  """Score pattern: per level (seq in global|block|window, size, width), coarse to fine."""
-  seqs: tuple[str, ...]
-  sizes: tuple[int, ...]
-  widths: tuple[int, ...]
-  causal: bool = True
-  divide: str = "none"  # none | block | levels
-  combine: str = "renorm"  # renorm | sum (global|window only)
-
-  @property
-  def prefix(self) -> tuple[int, ...]:
-    return tuple(int(x) for x in np.cumsum(self.widths))
-
-  def level_divisor(self, l: int) -> float:
-    """Score divisor for a pair whose deepest shared level is l (0-based)."""
-    if self.divide == "block":
-      return float(l + 1)
-    if self.divide == "levels":
-      return float(len(self.widths))
-    return 1.0
 
 
 # ------------------------------------------------------------------------------ reference
@@ -335,34 +310,24 @@ def _band_stats(q_BHTK, k_BHTK, v_BHTV, window: int, causal: bool, mult: float, 
   return o.reshape(b, h, t, dv), m.reshape(b, h, t), l.reshape(b, h, t)
 
 
-def _pad_features(x_BTHK, width: int):
-  """Zero-pad q/k features to `width` (scores unchanged) so fused kernels can serve them."""
-  extra = width - x_BTHK.shape[-1]
-  return x_BTHK if extra <= 0 else jnp.pad(x_BTHK, [(0, 0)] * 3 + [(0, extra)])
+def sum_parts(pattern: Pattern) -> tuple[Pattern, Pattern]:
+  """The two single-level patterns of a global|window pattern with combine='sum' (two
+  separately normalised softmaxes, added)."""
+  a, w = pattern.widths
+  return (Pattern(("global",), (0,), (a,), pattern.causal),
+          Pattern(("window",), (pattern.sizes[-1],), (w,), pattern.causal))
 
 
-def _single_level(q_BTHK, k_BTHK, v_BTHV, seq: str, size: int, causal: bool, impl: str):
-  """One global or window level, through cuDNN when it can serve (features zero-padded)."""
-  pat = Pattern((seq,), (size,), (q_BTHK.shape[-1],), causal)
-  if impl in ("auto", "cudnn") and q_BTHK.shape[-1] < v_BTHV.shape[-1]:
-    qp, kp = (_pad_features(x, v_BTHV.shape[-1]) for x in (q_BTHK, k_BTHK))
-    padded = dataclasses.replace(pat, widths=(v_BTHV.shape[-1],))
-    if cudnn_supported(qp, kp, v_BTHV, padded)[0]:
-      return cudnn_attention(qp, kp, v_BTHV, padded)
-  return attention(q_BTHK, k_BTHK, v_BTHV, pat, impl)
-
-
-def windowed_attention(q_BTHK, k_BTHK, v_BTHV, pattern: Pattern, chunk: int = QUERY_CHUNK,
-                       impl: str = "xla"):
+def windowed_attention(q_BTHK, k_BTHK, v_BTHV, pattern: Pattern, chunk: int = QUERY_CHUNK):
   """Sliding window (one level) or global|window (GSWA, renorm or sum)."""
   t = q_BTHK.shape[1]
   window = pattern.sizes[-1]
   causal = pattern.causal
-  if pattern.combine == "sum":  # each part dispatches on its own (a wide window is dense)
+  if pattern.combine == "sum":  # each part on its own (a wide window is dense)
     a = pattern.widths[0]
-    return (_single_level(q_BTHK[..., :a], k_BTHK[..., :a], v_BTHV, "global", 0, causal, impl)
-            + _single_level(q_BTHK[..., a:], k_BTHK[..., a:], v_BTHV, "window", window, causal,
-                            impl))
+    glob, win = sum_parts(pattern)
+    return (xla_attention(q_BTHK[..., :a], k_BTHK[..., :a], v_BTHV, glob)
+            + windowed_attention(q_BTHK[..., a:], k_BTHK[..., a:], v_BTHV, win, chunk))
   if window >= t - 1:  # the band holds every pair: plain dense attention at full width
     return dense_attention_xla(q_BTHK / pattern.level_divisor(len(pattern.widths) - 1), k_BTHK,
                                v_BTHV, causal)
@@ -398,20 +363,26 @@ def dense_attention_xla(q_BTHK, k_BTHK, v_BTHV, causal: bool, window: int | None
       v_BTHV.dtype)
 
 
+def cudnn_unsupported(pattern: Pattern, dtype, d_qk: int, d_v: int, backend: str) -> str:
+  """Why cuDNN's fused attention cannot serve a call ('' when it can); pure in its inputs."""
+  if backend != "gpu":
+    return "not running on a GPU"
+  if pattern.seqs not in (("global",), ("window",)):
+    return "cuDNN serves dense and sliding-window patterns only"
+  if not pattern.causal and pattern.seqs == ("window",):
+    return "cuDNN sliding window is causal only here"
+  if jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16):
+    return f"cuDNN needs bf16/fp16 inputs, got {jnp.dtype(dtype)}"
+  if d_qk != d_v or d_qk % 8 or d_qk > 256:
+    return f"cuDNN needs equal q/k/v head dims, a multiple of 8 and <= 256 (got {d_qk}, {d_v})"
+  return ""
+
+
 def cudnn_supported(q_BTHK, k_BTHK, v_BTHV, pattern: Pattern) -> tuple[bool, str]:
   """Whether cuDNN's fused attention can serve this call, and why not."""
-  if jax.default_backend() != "gpu":
-    return False, "not running on a GPU"
-  if pattern.seqs not in (("global",), ("window",)):
-    return False, "cuDNN serves dense and sliding-window patterns only"
-  if not pattern.causal and pattern.seqs == ("window",):
-    return False, "cuDNN sliding window is causal only here"
-  if q_BTHK.dtype not in (jnp.bfloat16, jnp.float16):
-    return False, f"cuDNN needs bf16/fp16 inputs, got {q_BTHK.dtype}"
-  dq, dv = q_BTHK.shape[-1], v_BTHV.shape[-1]
-  if dq != dv or dq % 8 or dq > 256:
-    return False, f"cuDNN needs equal q/k/v head dims, a multiple of 8 and <= 256 (got {dq}, {dv})"
-  return True, ""
+  why = cudnn_unsupported(pattern, q_BTHK.dtype, q_BTHK.shape[-1], v_BTHV.shape[-1],
+                          jax.default_backend())
+  return not why, why
 
 
 def cudnn_attention(q_BTHK, k_BTHK, v_BTHV, pattern: Pattern):
@@ -420,42 +391,16 @@ def cudnn_attention(q_BTHK, k_BTHK, v_BTHV, pattern: Pattern):
                                       local_window_size=window, implementation="cudnn")
 
 
-# -------------------------------------------------------------------------------- dispatch
+# ---------------------------------------------------------------------------- XLA cores
 
 
-def pallas_supported(q_BTHK, pattern: Pattern) -> bool:
-  """Whether the fused Pallas MLR kernel serves this call (GPU, no window levels, 16-bit or
-  float32 inputs)."""
-  return (jax.default_backend() == "gpu" and "window" not in pattern.seqs
-          and q_BTHK.dtype in (jnp.bfloat16, jnp.float16, jnp.float32))
-
-
-def attention(q_BTHK, k_BTHK, v_BTHV, pattern: Pattern, impl: str = "auto"):
-  """Softmax attention for a pattern; impl in auto | xla | cudnn | pallas | mosaic | reference.
-
-  'pallas' runs the fused Pallas MLR kernel (`pallas_mlr.mlr_attention_pallas`) for block
-  and global levels on a GPU, and falls back to the XLA path elsewhere (CPU, windows,
-  float64); 'mosaic' likewise with the Mosaic GPU kernel (`mosaic_mlr`)."""
-  if impl == "reference":
-    return reference_attention(q_BTHK, k_BTHK, v_BTHV, pattern)
-  if impl == "pallas" and pallas_supported(q_BTHK, pattern):
-    from structattn.attention.pallas_mlr import mlr_attention_pallas
-    return mlr_attention_pallas(q_BTHK, k_BTHK, v_BTHV, pattern)
-  if impl == "mosaic" and pallas_supported(q_BTHK, pattern):  # Mosaic GPU forward + backward
-    from structattn.attention.mosaic_mlr import mlr_attention_mosaic
-    # Both backwards are H100-validated (scripts/gpu_check_mosaic.py); the Mosaic one is
-    # 1.3-1.9x faster than the Triton one (docs/performance.md).
-    return mlr_attention_mosaic(q_BTHK, k_BTHK, v_BTHV, pattern)
-  if impl in ("auto", "cudnn"):
-    ok, why = cudnn_supported(q_BTHK, k_BTHK, v_BTHV, pattern)
-    if ok:
-      return cudnn_attention(q_BTHK, k_BTHK, v_BTHV, pattern)
-    # 'cudnn' falls back to XLA where cuDNN cannot serve (documented behaviour).
+def xla_attention(q_BTHK, k_BTHK, v_BTHV, pattern: Pattern):
+  """The XLA core that serves a pattern: dense, windowed, concatenated globals or blocks."""
   seqs = pattern.seqs
   if seqs == ("global",):
     return dense_attention_xla(q_BTHK, k_BTHK, v_BTHV, pattern.causal)
   if "window" in seqs:
-    return windowed_attention(q_BTHK, k_BTHK, v_BTHV, pattern, impl=impl)
+    return windowed_attention(q_BTHK, k_BTHK, v_BTHV, pattern)
   if all(s == "global" for s in seqs):  # several global levels: one concatenated product
     if pattern.divide != "none":  # every pair is covered by all L levels
       q_BTHK = q_BTHK / len(seqs)

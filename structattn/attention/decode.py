@@ -22,7 +22,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from structattn.attention.core import NEG, Pattern
+from structattn.attention.core import NEG
+from structattn.attention.pattern import Pattern
 
 
 def init_cache(batch: int, max_len: int, num_heads: int, d_qk: int, d_head: int,

@@ -72,7 +72,7 @@ class LowRankFeatures(nnx.Module):
 class BTTFeatures(nnx.Module):
   """Full-rank bilinear scoring: q = x, k_h = M_h^T x with a BTT matrix M_h per head.
 
-  Width D per head; score cost T*H*D per query; params H*s*D*(a+b) (SPEC section 2).
+  Width D per head; score cost T*H*D per query; params H*s*D*(a+b).
   """
 
   def __init__(self, level: Level, d_model: int, num_heads: int, *, rngs: nnx.Rngs,

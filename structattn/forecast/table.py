@@ -5,18 +5,20 @@
         --csv-dir /data/timeseries [--preset patchtst] [--epochs 20] [--set data.source=csv ...]
 
 Each (dataset, horizon, variant) is one group of seeds trained vmapped in one process
-(`structattn.train.train_group` on the `configs/forecast.py` preset `[<preset>-]<dataset>-
-<horizon>-<variant>`: `--preset patchtst` gives PatchTST/64's recipe, the default the
-LayerNorm presets); groups run in `--workers` spawned processes, in the order given
-(dataset-major). `--time-limit` seconds after the start no group is started any more (nor
-when less than `--min-left` seconds remain), and groups still running are stopped; every
-completed group is kept. A group whose seeds all completed under `--runs` is read back, not
-retrained, and a stopped group resumes from its last checkpoint (`--checkpoint-epochs`; by
-default only the end of training is checkpointed), so the same command run again continues
-the table; on a machine without those run directories, `--previous <an earlier rows.json>`
-keeps that file's completed groups instead of rerunning them. With several workers each preallocates 0.9/workers of the GPU
-(`XLA_PYTHON_CLIENT_MEM_FRACTION` overrides it); a group that runs out of memory is retried
-after the others with half the workers, down to one. Writes OUT/rows.json (one compact row
+(`structattn.train.train_group` on the `forecast:` preset `[<preset>-]<dataset>-<horizon>-
+<variant>`: `--preset patchtst` gives PatchTST/64's recipe, the default the LayerNorm
+presets); groups run in `--workers` spawned processes, in the order given (dataset-major).
+`--time-limit` seconds after the start no group is started any more (nor when less than
+`--min-left` seconds remain), and groups still running are stopped; every completed group is
+kept. A group whose seeds all completed under `--runs` is read back, not retrained, and a
+stopped group resumes from its last checkpoint (`--checkpoint-epochs`; by default only the
+end of training is checkpointed), so the same command run again continues the table; on a
+machine without those run directories, `--previous <an earlier rows.json>` keeps that file's
+completed groups instead of rerunning them. With several workers each preallocates
+0.9/workers of the GPU (`XLA_PYTHON_CLIENT_MEM_FRACTION` overrides it); a group that runs
+out of memory is retried after the others with half the workers, down to one (exchange needs
+about 12 GB per group). `--compilation-cache` is the workers' persistent JAX compilation
+cache (default `structattn.runtime.DEFAULT_CACHE`). Writes OUT/rows.json (one compact row
 per group: per-seed test/val MSE and MAE, the drop-last test scores, best-validation steps,
 mean and sample std over seeds, wall time, device) and OUT/summary.json (the same rows with
 versions and arguments) after every group, and OUT/table.md at the end; run directories go
@@ -36,6 +38,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from structattn import runtime
 
 PATCHTST64_ETTH1_MSE = {96: 0.370, 192: 0.413, 336: 0.422, 720: 0.447}
 # PatchTST/64 (Nie et al., ICLR 2023, Table 3): (MSE, MAE) per dataset and horizon
@@ -64,10 +68,10 @@ def preset_name(preset, dataset, horizon, variant) -> str:
 
 def job_config(dataset, horizon, variant, seed, overrides, epochs, preset="",
                checkpoint_epochs=0):
-  from configs import forecast as fc
+  from structattn.configs import forecast as fc
   c = fc.get_config(preset_name(preset, dataset, horizon, variant))
   if epochs and preset == "patchtst":  # the recipe's schedule, fewer or more epochs
-    c.train.steps = int(epochs) * int(c.eval.every)
+    c.train.steps = int(epochs) * int(c.eval_every)
   elif epochs:
     fc._set_steps(c, int(epochs))
   for key, value in overrides.items():
@@ -81,7 +85,7 @@ def job_config(dataset, horizon, variant, seed, overrides, epochs, preset="",
   c.progress = False
   c.checkpoint_every = int(c.train.steps)
   if checkpoint_epochs:
-    c.checkpoint_every = min(int(c.train.steps), int(checkpoint_epochs) * int(c.eval.every))
+    c.checkpoint_every = min(int(c.train.steps), int(checkpoint_epochs) * int(c.eval_every))
   return c
 
 
@@ -290,7 +294,7 @@ def main(argv=None):
   ap.add_argument("--previous", action="append", default=[],
                   help="rows.json of an earlier run: its completed groups (same preset and "
                   "seeds) are kept, not rerun (repeatable)")
-  ap.add_argument("--compilation-cache", default="~/.cache/structattn/jax",
+  ap.add_argument("--compilation-cache", default=runtime.DEFAULT_CACHE,
                   help="persistent JAX compilation cache of the workers ('' to disable)")
   ap.add_argument("--set", action="append", default=[], help="dotted.key=value override")
   args = ap.parse_args(argv)
@@ -298,7 +302,7 @@ def main(argv=None):
     os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
                           str(Path(args.compilation_cache).expanduser()))
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")
-  from configs import forecast as fc
+  from structattn.configs import forecast as fc
   t_start = time.time()
   deadline = t_start + args.time_limit
   out = Path(args.out)
@@ -329,7 +333,8 @@ def main(argv=None):
         {"rows": rows, "args": vars(args), "elapsed_s": time.time() - t_start}, indent=1))
     compact = [{k: r[k] for k in COMPACT_KEYS if k in r} for r in rows]
     (out / "rows.json").write_text(json.dumps(
-        {"rows": compact, "paired": paired(rows), "preset": args.preset, "elapsed_s": round(time.time() - t_start, 1),
+        {"rows": compact, "paired": paired(rows), "preset": args.preset,
+         "elapsed_s": round(time.time() - t_start, 1),
          "versions": next((r["versions"] for r in rows if r.get("versions")), None)},
         separators=(",", ":")) + "\n")
 

@@ -1,6 +1,6 @@
 """The forecasting task for the shared loop (config.task='forecast').
 
-    structattn-train --config=configs/forecast.py:etth1-96-mlr --workdir=runs/etth1-96-mlr
+    structattn-train --config=forecast:etth1-96-mlr --workdir=runs/etth1-96-mlr
     setup = build(config)   # structattn.tasks.TaskSetup
 
 Training loss: MSE over (windows, forecast steps, channels) of the standardised series,
@@ -120,14 +120,15 @@ def summarize(arrays, prefix: str = "eval", drop_last_batch: int = 0) -> dict[st
 
 def build_model(config, num_channels: int | None = None) -> PatchForecaster:
   m, d = config.model, config.data
-  for field in ("d_model", "num_layers", "d_mlp"):
-    if int(m.get(field, 0)) <= 0:
+  for field in ("d_model", "num_layers", "mlp_ratio"):
+    if float(m.get(field, 0)) <= 0:
       raise ValueError(f"model.{field}={m.get(field)!r} is invalid: must be a positive integer")
   if not 0.0 <= float(m.get("dropout", 0.0)) < 1.0:
     raise ValueError(f"model.dropout={m.dropout!r} is invalid: allowed values are [0, 1)")
   attn = config.attention.to_dict() if hasattr(config.attention, "to_dict") else config.attention
   return PatchForecaster(
-      int(d.seq_len), int(d.horizon), int(m.d_model), int(m.num_layers), int(m.d_mlp), attn,
+      int(d.seq_len), int(d.horizon), int(m.d_model), int(m.num_layers),
+      int(m.mlp_ratio * m.d_model), attn,
       rngs=nnx.Rngs(int(config.seed)), patch_len=int(m.patch_len), stride=int(m.stride),
       revin=bool(m.revin), pre_norm=bool(m.pre_norm),
       attention_pattern=m.get("attention_pattern", ""), encoder=m.get("encoder", "gpt"),
@@ -170,7 +171,8 @@ def build(config: ml_collections.ConfigDict) -> tasks_lib.TaskSetup:
   ref_x = reference_windows(windows["train"], ref_count, int(config.seed)) if ref_count else None
   return tasks_lib.TaskSetup(
       model=model, loss=make_loss(rate),
-      eval_metrics=make_eval_metrics(ref_x, rate, int(config.seed)), summarize=functools.partial(summarize, drop_last_batch=bs),
+      eval_metrics=make_eval_metrics(ref_x, rate, int(config.seed)),
+      summarize=functools.partial(summarize, drop_last_batch=bs),
       eval_batches=fdata.eval_batches(windows["val"], ebs), **data,
       test_batches=fdata.eval_batches(windows["test"], ebs),
       units_per_step=bs, unit="windows",

@@ -6,10 +6,10 @@
 
 from structattn.icr.baselines import (averaging, knn, least_squares, ridge, squared_errors,
                                       zero)
-from structattn.icr.model import ICRModel, icr_loss, icr_train_step
+from structattn.icr.model import ICRModel, icr_loss
 from structattn.icr.task import curriculum, eval_set, interleave, sample_batch
 
 __all__ = [
-    "ICRModel", "averaging", "curriculum", "eval_set", "icr_loss", "icr_train_step",
-    "interleave", "knn", "least_squares", "ridge", "sample_batch", "squared_errors", "zero",
+    "ICRModel", "averaging", "curriculum", "eval_set", "icr_loss", "interleave",
+    "knn", "least_squares", "ridge", "sample_batch", "squared_errors", "zero",
 ]

@@ -22,7 +22,6 @@ from structattn.attention import AttentionSpec, from_config
 from structattn.icr.task import interleave
 from structattn.linear import Dense
 from structattn.models.gpt import Block, LayerNorm
-from structattn.train import train_step
 
 
 def icr_specs(attention: Mapping[str, Any], d_model: int, num_layers: int, seq_len: int,
@@ -84,16 +83,6 @@ def loss_fn(params, graphdef, rest, batch) -> jax.Array:
   """ICR loss of the merged model on a batch {x_BND, y_BN}."""
   model = nnx.merge(graphdef, params, rest)
   return icr_loss(model(batch["x_BND"], batch["y_BN"]), batch["y_BN"])
-
-
-def icr_train_step(params, opt_state, batch, *, graphdef, rest, tx):
-  """One optimiser step (the shared `train.train_step` with the ICR loss); returns
-  (params, opt_state, metrics). Jit with a partial:
-
-      step = jax.jit(functools.partial(icr_train_step, graphdef=g, rest=r, tx=tx))
-  """
-  return train_step(params, opt_state, batch, graphdef=graphdef, rest=rest, tx=tx,
-                    loss=loss_fn)
 
 
 def predict(params, batch, *, graphdef, rest) -> jax.Array:

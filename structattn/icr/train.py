@@ -1,6 +1,6 @@
 """The in-context regression task for the shared training loop (config.task = 'icr').
 
-    structattn-train --config=configs/icr.py:tiny --workdir=runs/icr
+    structattn-train --config=icr:tiny --workdir=runs/icr
 
 Training prompts are drawn on device inside the compiled step: the batch at step t is a pure
 function of (seed, t), so many steps run per call (`train.steps_per_call`) and vmapped
@@ -28,7 +28,7 @@ from structattn import flops as flops_lib
 from structattn.icr import baselines as baselines_lib
 from structattn.icr import task as task_lib
 from structattn.icr.model import ICRModel, icr_loss, icr_specs
-from structattn.tasks import TaskSetup, mean_and_sem
+from structattn.tasks import TaskSetup, mean_and_sem, train_steps
 
 
 def icr_fields(config: ml_collections.ConfigDict) -> dict:
@@ -120,7 +120,8 @@ def build(config: ml_collections.ConfigDict) -> TaskSetup:
   f = icr_fields(config)
   model = build_model(config, f)
   ec = config.eval
-  num, eb = int(ec.get("num_prompts", 1024)), int(ec.get("batch_size", 1024))
+  eb = int(ec.get("batch_size", 1024))
+  num = int(ec.get("batches", 1)) * eb  # held-out prompts
   es = task_lib.eval_set(int(ec.get("seed", 1234)), num, f["n_points"], f["d_input"],
                          noise_std=f["noise_std"])
   eval_batches = [{k: es[k][i:i + eb] for k in ("x_BND", "y_BN")} for i in range(0, num, eb)]
@@ -128,6 +129,7 @@ def build(config: ml_collections.ConfigDict) -> TaskSetup:
   d_model = int(config.model.d_model)
   d_mlp = int(config.model.get("mlp_ratio", 4)) * d_model
   paper_macs, train_flops = icr_flops(specs, d_model, d_mlp, f["n_points"])
+  steps = train_steps(config, paper_macs * int(config.train.batch_size))  # the curriculum's
   params = nnx.state(model, nnx.Param)
   total = sum(int(x.size) for x in jax.tree.leaves(params))
   emb = sum(int(x.size) for x in jax.tree.leaves(nnx.state(model.read_in, nnx.Param)))
@@ -143,7 +145,7 @@ def build(config: ml_collections.ConfigDict) -> TaskSetup:
       model=model, loss=loss, eval_metrics=eval_metrics, summarize=summarize,
       eval_batches=eval_batches,
       batch_fn=functools.partial(batch_fn, f=f, batch_size=int(config.train.batch_size),
-                                 total_steps=int(config.train.steps)),
+                                 total_steps=steps),
       units_per_step=int(config.train.batch_size), unit="prompts",
       paper_macs_per_unit=paper_macs, train_flops_per_unit=train_flops,
       final={"eval/last_point_se": "final/eval_last_point_se",

@@ -5,7 +5,10 @@
 Per-layer patterns: `model.attention_pattern='mha|swa|swa'` cycles variants over layers
 (each variant takes its options from the `attention` config section).  Positions: learned
 absolute embeddings (the paper), rotary (`pos='rope'`, per level segment) or none.  Head: untied (zero init, muP) or tied
-to the token embedding.  Compute dtype `model.dtype` (bf16 on GPU), parameters float32.
+to the token embedding.  Compute dtype `model.dtype` (bf16 on GPU), parameters float32; the
+residual stream is float32 unless `model.residual_dtype` says otherwise ('bfloat16' or
+'compute': the blocks' inputs and the residual adds in that dtype, LayerNorm statistics still
+float32).
 
 Sharding (structattn.sharding): parameters carry logical axis names (embed, mlp, vocab, heads)
 and activations are constrained to (batch, seq, act_embed | mlp | vocab) when a layout is
@@ -38,6 +41,18 @@ def compute_dtype(name: str):
     raise ValueError(f"model.dtype={name!r} is invalid: allowed values are ('auto', "
                      f"{', '.join(repr(k) for k in DTYPES)})")
   return DTYPES[name]
+
+
+RESIDUAL_DTYPES = ("", "compute", *DTYPES)
+
+
+def residual_dtype(name: str, compute):
+  """The residual stream's dtype: '' (default) that of the embeddings (float32), 'compute' the
+  compute dtype, or a dtype name.  LayerNorm statistics are float32 whatever it is."""
+  if name not in RESIDUAL_DTYPES:
+    raise ValueError(f"model.residual_dtype={name!r} is invalid: allowed values are "
+                     f"{RESIDUAL_DTYPES}")
+  return None if not name else compute if name == "compute" else DTYPES[name]
 
 
 def layer_specs(model_cfg: Any, attn_cfg: Any) -> tuple[AttentionSpec, ...]:
@@ -101,6 +116,7 @@ class GPTConfig:
   tie_embeddings: bool = False
   dtype: Any = jnp.float32
   specs: tuple[AttentionSpec, ...] = ()
+  residual_dtype: Any = None  # None: the embeddings' dtype (float32 parameters: float32)
 
   @classmethod
   def from_config(cls, config: Any, vocab_size: int) -> "GPTConfig":
@@ -110,11 +126,12 @@ class GPTConfig:
     for field in ("d_model", "num_layers", "seq_len"):
       if int(m.get(field, 0)) <= 0:
         raise ValueError(f"model.{field}={m.get(field)!r} is invalid: must be a positive integer")
+    dtype = compute_dtype(m.get("dtype", "auto"))
     return cls(vocab_size=vocab_size, d_model=m.d_model, num_layers=m.num_layers,
                seq_len=m.seq_len, d_mlp=int(m.get("mlp_ratio", 4) * m.d_model),
                pos=m.get("pos", "learned"), tie_embeddings=bool(m.get("tie_embeddings", False)),
-               dtype=compute_dtype(m.get("dtype", "auto")),
-               specs=layer_specs(m, config.attention))
+               dtype=dtype, specs=layer_specs(m, config.attention),
+               residual_dtype=residual_dtype(m.get("residual_dtype", ""), dtype))
 
 
 class GPT(nnx.Module):
@@ -143,6 +160,8 @@ class GPT(nnx.Module):
       t = tokens_BT.shape[1]
       pos = jax.lax.dynamic_slice_in_dim(self.pos[...], start, t, axis=0)
       x_BTD = x_BTD + pos[None]
+    if self.cfg.residual_dtype is not None:
+      x_BTD = x_BTD.astype(self.cfg.residual_dtype)
     return x_BTD
 
   def logits(self, x_BTD):

@@ -1,7 +1,7 @@
 """Long-range forecasting configs (big_vision style), task 'forecast'.
 
-    structattn-train --config=configs/forecast.py:tiny --workdir=runs/fc-tiny
-    structattn-train --config=configs/forecast.py:patchtst-etth1-96 \
+    structattn-train --config=forecast:tiny --workdir=runs/fc-tiny
+    structattn-train --config=forecast:patchtst-etth1-96 \
         --config.data.csv_dir=/data/timeseries --workdir=runs/patchtst-etth1-96
 
 Presets (`get_config(arg)`):
@@ -68,6 +68,9 @@ import math
 
 import ml_collections
 
+from structattn.configs import common
+from structattn.configs.presets import Presets
+
 HORIZONS = {"etth1": (96, 192, 336, 720), "etth2": (96, 192, 336, 720),
             "exchange": (96, 192, 336, 720), "vic_elec": (96, 192, 336, 720),
             "illness": (24, 36, 48, 60)}
@@ -77,6 +80,8 @@ VARIANTS = ("mha", "swa", "gswa", "mlr", "bilinear_mlr", "bilinear_btt")
 TABLE_DATASETS = ("etth1", "etth2", "exchange", "illness")
 TABLE_VARIANTS = ("mha", "swa", "mlr")
 PATCHTST_VARIANTS = ("mha", "swa", "gswa", "mlr")  # the 'patchtst' encoder's dense scores
+SCALES = ("tiny", "paper")
+PRESETS = Presets("forecast", default="tiny")
 
 
 def attention_config(variant: str = "mha", d_head: int = 4, patches: int = 64):
@@ -86,12 +91,10 @@ def attention_config(variant: str = "mha", d_head: int = 4, patches: int = 64):
         (d_head // 2, d_head // 4, d_head // 8, d_head // 8)
   else:
     ranks = (d_head // 2, d_head - d_head // 2)
-  return ml_collections.ConfigDict(dict(
-      variant=variant, num_heads=4, d_head=0, d_qk=0, qk_norm=False, scale="standard",
-      causal=False, impl="auto", window=max(1, patches // 4),
-      gswa_split=(d_head // 2, d_head - d_head // 2), gswa_combine="renorm",
-      mlr_ranks=ranks, mlr_block_sizes=(), mlr_divide="none", bmlr_ranks=ranks, btt_rank=1,
-      btt_rms_cap=True))
+  return common.attention(
+      variant, num_heads=4, qk_norm=False, scale="standard", causal=False,
+      window=max(1, patches // 4), gswa_split=(d_head // 2, d_head - d_head // 2),
+      gswa_combine="renorm", mlr_ranks=ranks, mlr_divide="none", bmlr_ranks=ranks)
 
 
 def train_windows(dataset: str, seq_len: int, horizon: int) -> int:
@@ -108,7 +111,7 @@ def base_config() -> ml_collections.ConfigDict:
       dataset="etth1", csv_dir="", columns=(), seq_len=512, horizon=96, source="auto",
       tfds_dir="", pipeline="device", drop_last=False))
   c.model = ml_collections.ConfigDict(dict(
-      d_model=16, num_layers=3, d_mlp=128, patch_len=16, stride=8, revin=True, pre_norm=False,
+      d_model=16, num_layers=3, mlp_ratio=8, patch_len=16, stride=8, revin=True, pre_norm=False,
       dropout=0.3, attention_pattern="", encoder="gpt", norm="layer", residual_attention=False,
       bn_stats_windows=0))
   c.attention = attention_config("mha", 4, 64)
@@ -120,12 +123,13 @@ def base_config() -> ml_collections.ConfigDict:
       initial_steps=0, initial_lr_ratio=1.0))
   # select_best: score the test split with the parameters of the best validation MSE (the
   # PatchTST protocol's early stopping) instead of the last ones.
-  c.eval = ml_collections.ConfigDict(dict(every=200, batch_size=512, select_best=True))
+  c.eval = ml_collections.ConfigDict(dict(batch_size=512, select_best=True))
   c.log_every = 50
+  c.eval_every = 200
   c.checkpoint_every = 1000
   c.keep_checkpoints = 1
   c.progress = True
-  return c
+  return common.add_mesh(c)
 
 
 def _patches(seq_len: int, patch_len: int, stride: int) -> int:
@@ -136,7 +140,7 @@ def _set_steps(c, epochs: int) -> None:
   per_epoch = math.ceil(train_windows(c.data.dataset, c.data.seq_len, c.data.horizon) /
                         c.train.batch_size)
   c.train.steps = epochs * per_epoch
-  c.eval.every = per_epoch  # validation every epoch, as PatchTST (best-validation selection)
+  c.eval_every = per_epoch  # validation every epoch, as PatchTST (best-validation selection)
   c.train.steps_per_call = per_epoch  # device batches: up to an epoch per compiled call
   # train.schedule='step_decay': PatchTST's 'type3' (lr for epochs 1-4, then x0.9 per epoch)
   c.train.update(decay_start=3 * per_epoch, decay_every=per_epoch)
@@ -145,11 +149,21 @@ def _set_steps(c, epochs: int) -> None:
   c.log_every = per_epoch
 
 
+def _horizon_check(dataset: str, horizon: int, variant: str = "mha") -> str | None:
+  if horizon not in HORIZONS[dataset]:
+    return (f"horizon={horizon} is invalid for {dataset}: allowed values are "
+            f"{', '.join(map(str, HORIZONS[dataset]))}")
+  return None
+
+
+@PRESETS.add("{dataset}-{horizon}-{variant}", dataset=tuple(HORIZONS), variant=VARIANTS,
+             check=_horizon_check)
 def paper(dataset: str, horizon: int, variant: str = "mha") -> ml_collections.ConfigDict:
+  """The LayerNorm model (model.encoder='gpt') on one dataset, horizon and attention variant."""
   c = base_config()
   c.data.update(dataset=dataset, horizon=horizon)
   if dataset in ("exchange", "vic_elec"):
-    c.model.update(d_model=128, d_mlp=256, dropout=0.2)
+    c.model.update(d_model=128, mlp_ratio=2, dropout=0.2)
     heads = 16
   else:
     heads = 4
@@ -162,6 +176,12 @@ def paper(dataset: str, horizon: int, variant: str = "mha") -> ml_collections.Co
   c.attention.num_heads = heads
   _set_steps(c, EPOCHS[dataset])
   return c
+
+
+@PRESETS.add("{dataset}-{horizon}", dataset=tuple(HORIZONS), check=_horizon_check)
+def paper_mha(dataset: str, horizon: int) -> ml_collections.ConfigDict:
+  """The LayerNorm model on one dataset and horizon (MHA)."""
+  return paper(dataset, horizon, "mha")
 
 
 # PatchTST/64's recipe (PatchTST_supervised: scripts/PatchTST/etth1.sh, etth2.sh, illness.sh,
@@ -185,6 +205,8 @@ BN_STATS_BATCHES = 10  # running statistics with momentum 0.1: about the last te
 PATCHTST_CHECKPOINT_EPOCHS = 10
 
 
+@PRESETS.add("patchtst-{dataset}-{horizon}-{variant}", dataset=tuple(PATCHTST),
+             variant=PATCHTST_VARIANTS, check=_horizon_check)
 def patchtst(dataset: str, horizon: int, variant: str = "mha") -> ml_collections.ConfigDict:
   """PatchTST/64 exactly (module docstring); `variant` swaps the attention's score pattern."""
   r = PATCHTST[dataset]
@@ -192,7 +214,7 @@ def patchtst(dataset: str, horizon: int, variant: str = "mha") -> ml_collections
   # source csv: the same arrays as the TFDS cache, and no cache for parallel workers to race on
   c.data.update(dataset=dataset, horizon=horizon, seq_len=r["seq_len"], pipeline="device",
                 drop_last=True, source="csv")
-  c.model.update(d_model=16, num_layers=3, d_mlp=128, patch_len=r["patch_len"],
+  c.model.update(d_model=16, num_layers=3, mlp_ratio=8, patch_len=r["patch_len"],
                  stride=r["stride"], revin=True, pre_norm=False, dropout=0.3,
                  encoder="patchtst", norm="batch", residual_attention=True,
                  bn_stats_windows=BN_STATS_BATCHES * r["batch_size"])
@@ -212,19 +234,29 @@ def patchtst(dataset: str, horizon: int, variant: str = "mha") -> ml_collections
                    decay_rate=0.9)
   else:
     c.train.update(schedule="constant", decay_start=0, decay_every=0)
-  c.eval.update(every=per_epoch, batch_size=2048, select_best=True)
+  c.eval_every = per_epoch
+  c.eval.update(batch_size=2048, select_best=True)
   c.log_every = per_epoch
   c.checkpoint_every = PATCHTST_CHECKPOINT_EPOCHS * per_epoch
   return c
 
 
+@PRESETS.add("patchtst-{dataset}-{horizon}", dataset=tuple(PATCHTST), check=_horizon_check)
+def patchtst_mha(dataset: str, horizon: int) -> ml_collections.ConfigDict:
+  """PatchTST/64 exactly on one dataset and horizon (MHA)."""
+  return patchtst(dataset, horizon, "mha")
+
+
+@PRESETS.add("tiny-{variant}", variant=VARIANTS)
 def tiny(variant: str = "mha") -> ml_collections.ConfigDict:
+  """vic_elec, look-back 128, horizon 24, a 2-layer D=16 model, 150 steps; under a minute."""
   c = base_config()
   c.data.update(dataset="vic_elec", seq_len=128, horizon=24)
-  c.model.update(num_layers=2, d_mlp=32, dropout=0.0)
+  c.model.update(num_layers=2, mlp_ratio=2, dropout=0.0)
   c.attention = attention_config(variant, 4, 16)
   c.train.update(steps=150, batch_size=32, lr=1e-3, steps_per_call=75)
-  c.eval.update(every=75, batch_size=1024)
+  c.eval_every = 75
+  c.eval.update(batch_size=1024)
   c.log_every, c.checkpoint_every = 25, 150
   return c
 
@@ -233,6 +265,9 @@ def _diff(base, other) -> dict:
   from structattn.results import flatten
   b, o = flatten(base.to_dict()), flatten(other.to_dict())
   return {k: v for k, v in o.items() if b.get(k) != v}
+
+
+PRESETS.add("tiny", doc="The tiny model with MHA.")(lambda: tiny("mha"))
 
 
 def sweep_tiny() -> ml_collections.ConfigDict:
@@ -255,34 +290,11 @@ def sweep_paper() -> ml_collections.ConfigDict:
   return c
 
 
+@PRESETS.add("sweep-table-{scale}", scale=SCALES)
+def sweep_table(scale: str) -> ml_collections.ConfigDict:
+  """The forecasting table (tiny: 3 variants x 2 horizons x 2 seeds; paper: 4 datasets)."""
+  return sweep_tiny() if scale == "tiny" else sweep_paper()
+
+
 def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
-  arg = (arg or "tiny").strip()
-  if arg == "sweep-table-tiny":
-    return sweep_tiny()
-  if arg == "sweep-table-paper":
-    return sweep_paper()
-  parts = arg.split("-")
-  if parts[0] == "patchtst" and len(parts) in (3, 4) and parts[1] in PATCHTST:
-    try:
-      horizon = int(parts[2])
-    except ValueError:
-      horizon = -1
-    variant = parts[3] if len(parts) == 4 else "mha"
-    if horizon in HORIZONS[parts[1]] and variant in PATCHTST_VARIANTS:
-      return patchtst(parts[1], horizon, variant)
-  if parts[0] == "tiny" and len(parts) <= 2 and (len(parts) == 1 or parts[1] in VARIANTS):
-    return tiny(*parts[1:])
-  if parts[0] in HORIZONS and len(parts) in (2, 3):
-    try:
-      horizon = int(parts[1])
-    except ValueError:
-      horizon = -1
-    variant = parts[2] if len(parts) == 3 else "mha"
-    if horizon in HORIZONS[parts[0]] and variant in VARIANTS:
-      return paper(parts[0], horizon, variant)
-  raise ValueError(
-      f"unknown preset {arg!r} for configs/forecast.py: allowed presets are 'tiny', "
-      f"'tiny-<variant>', '<dataset>-<horizon>[-<variant>]' with dataset/horizons "
-      f"{HORIZONS} and variant in {VARIANTS}, 'patchtst-<dataset>-<horizon>[-<variant>]' "
-      f"with dataset in {tuple(PATCHTST)} and variant in {PATCHTST_VARIANTS}, "
-      f"'sweep-table-tiny' and 'sweep-table-paper'")
+  return PRESETS.build(arg)

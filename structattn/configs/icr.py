@@ -1,7 +1,7 @@
-"""In-context regression configs (big_vision style; SPEC section 4).
+"""In-context regression configs (big_vision style).
 
-    structattn-train --config=configs/icr.py:tiny --workdir=runs/icr-tiny
-    structattn-train --config=configs/icr.py:paper-bilinear_mlr-64-256 --workdir=runs/icr
+    structattn-train --config=icr:tiny --workdir=runs/icr-tiny
+    structattn-train --config=icr:paper-bilinear_mlr-64-256 --workdir=runs/icr
 
 Presets (`get_config(arg)`):
   tiny                       d_input 8, width 32, 3 layers, MHA with 1 head; ~2 min on a CPU.
@@ -26,16 +26,18 @@ import itertools
 
 import ml_collections
 
-from structattn import sharding
+from structattn.configs import common
+from structattn.configs.presets import Presets
 
 VARIANTS = ("mha", "bilinear_btt", "bilinear_mlr")
+SCALES = ("tiny", "paper")
+PRESETS = Presets("icr", default="tiny", label="ICR")
 
 
 def attention_config(variant: str = "mha", num_heads: int = 8) -> ml_collections.ConfigDict:
-  return ml_collections.ConfigDict(dict(
-      variant=variant, num_heads=num_heads, d_head=0, d_qk=0, qk_norm=False, scale="",
-      causal=True, impl="auto", window=0, mlr_ranks=(), mlr_block_sizes=(), mlr_divide="none",
-      bmlr_ranks=(8, 4, 2, 2), btt_rank=1, btt_rms_cap=True))
+  return common.attention(variant, num_heads=num_heads, qk_norm=False, window=0,
+                          gswa_split=(4, 4), mlr_ranks=(), mlr_divide="none",
+                          bmlr_ranks=(8, 4, 2, 2))
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -52,17 +54,26 @@ def base_config() -> ml_collections.ConfigDict:
       steps=2000, batch_size=64, grad_accum=1, lr=1e-3, warmup_steps=100, schedule="constant",
       min_lr_ratio=0.0, clip_norm=0.0, b1=0.9, b2=0.95, eps=1e-20, weight_decay=0.0,
       parametrization="mup", base_width=64, compute_budget=0.0, steps_per_call=250))
-  c.eval = ml_collections.ConfigDict(dict(every=500, num_prompts=1024, batch_size=1024,
-                                          seed=1234, baselines=True))
+  c.eval = ml_collections.ConfigDict(dict(batches=1, batch_size=1024, seed=1234,
+                                          baselines=True))
   c.log_every = 250
+  c.eval_every = 500
   c.checkpoint_every = 1000
   c.keep_checkpoints = 2
   c.progress = True
-  # Scale-out (docs/scaling-out.md): mesh sizes data/fsdp/tensor (-1 = the rest of the
-  # devices; all 1 = one device, unsharded), `devices` = use only the first n devices (0 =
-  # all), and the logical axis rules (structattn.sharding.DEFAULT_RULES).
-  c.mesh, c.sharding = sharding.config_sections()
-  return c
+  return common.add_mesh(c)
+
+
+@PRESETS.add("tiny")
+def tiny() -> ml_collections.ConfigDict:
+  """d_input 8, width 32, 3 layers, MHA with 1 head; about 2 minutes on a CPU."""
+  return base_config()
+
+
+@PRESETS.add("tiny-{variant}", variant=VARIANTS)
+def tiny_variant(variant: str) -> ml_collections.ConfigDict:
+  """The tiny model with another attention variant."""
+  return with_variant(base_config(), variant)
 
 
 def with_variant(c: ml_collections.ConfigDict, variant: str) -> ml_collections.ConfigDict:
@@ -72,7 +83,9 @@ def with_variant(c: ml_collections.ConfigDict, variant: str) -> ml_collections.C
   return c
 
 
+@PRESETS.add("paper-{variant}-{d_input}-{width}", variant=VARIANTS)
 def paper(variant: str, d_input: int, width: int) -> ml_collections.ConfigDict:
+  """The paper's setting: 6 layers of width D, d_input d, N = 2d, 500k steps."""
   c = base_config()
   c.model.update(d_model=width, num_layers=6)
   c.icr.d_input = d_input
@@ -80,9 +93,9 @@ def paper(variant: str, d_input: int, width: int) -> ml_collections.ConfigDict:
   c.attention.num_heads = 8
   c.attention.bmlr_ranks = bmlr_ranks(width)
   c.train.update(steps=500_000, lr=1e-3, warmup_steps=1000, steps_per_call=500)
-  c.eval.update(num_prompts=2048, batch_size=1024)
+  c.eval.update(batches=2, batch_size=1024)
   c.icr.pool_size = 32_000_000
-  c.eval.update(every=5000)
+  c.eval_every = 5000
   c.log_every = 1000
   c.checkpoint_every = 10_000
   return c
@@ -98,18 +111,20 @@ def bmlr_ranks(width: int) -> tuple:
 # ------------------------------------------------------------------------------------ sweeps
 
 
+@PRESETS.add("sweep-head-dim-{scale}", scale=SCALES)
 def sweep_head_dim(scale: str) -> ml_collections.ConfigDict:
   """Finding (a): MHA, width D fixed, heads H varied so the head dim r = D/H crosses d_input."""
   if scale == "tiny":
     c = base_config()
     c.model.update(d_model=32, num_layers=3)
     c.train.update(steps=3000, lr=1e-3, warmup_steps=100)
-    c.eval.update(every=500, num_prompts=512, batch_size=512)
+    c.eval_every = 500
+    c.eval.update(batches=1, batch_size=512)
     d_inputs, heads, seeds = (16,), (8, 2, 1), (0,)
   else:
     c = paper("mha", 32, 128)
     c.train.update(steps=8000, lr=1e-3)
-    c.eval.update(every=1000)
+    c.eval_every = 1000
     d_inputs, heads, seeds = (16, 32), (32, 8, 4, 1), (0,)
   c.sweep_name = f"icr-head-dim-{scale}"
   c.sweep = [{"icr.d_input": d, "attention.num_heads": h, "seed": s}
@@ -117,6 +132,8 @@ def sweep_head_dim(scale: str) -> ml_collections.ConfigDict:
   return c
 
 
+@PRESETS.add("sweep-compute-{scale}", scale=SCALES,
+             doc="Finding (b): error against compute for MHA, bilinear BTT and bilinear MLR.")
 def sweep_compute(scale: str) -> ml_collections.ConfigDict:
   """Finding (b): error against compute for MHA, bilinear BTT and bilinear MLR at several
   widths; each run's eval curve is one error-vs-compute line."""
@@ -125,12 +142,13 @@ def sweep_compute(scale: str) -> ml_collections.ConfigDict:
     c.model.update(num_layers=3)
     c.icr.d_input = 16
     c.train.update(steps=2000, lr=1e-3, warmup_steps=100)
-    c.eval.update(every=250, num_prompts=512, batch_size=512)
+    c.eval_every = 250
+    c.eval.update(batches=1, batch_size=512)
     widths, lrs = (32,), (1e-3,)  # width 16 learns nothing in 2000 steps (measured)
   else:
     c = paper("mha", 32, 128)
     c.train.update(steps=8000, lr=1e-3)
-    c.eval.update(every=500)
+    c.eval_every = 500
     widths, lrs = (64, 128, 256), (1e-3,)
   c.attention.num_heads = 8  # the paper's MHA and bilinear BTT use 8 heads
   c.sweep_name = f"icr-compute-{scale}"
@@ -141,21 +159,4 @@ def sweep_compute(scale: str) -> ml_collections.ConfigDict:
 
 
 def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
-  arg = (arg or "tiny").strip()
-  parts = arg.split("-")
-  if parts[0] == "tiny" and len(parts) <= 2:
-    c = base_config()
-    return with_variant(c, parts[1]) if len(parts) == 2 else c
-  if parts[0] == "paper" and len(parts) == 4:
-    try:
-      return paper(parts[1], int(parts[2]), int(parts[3]))
-    except ValueError as e:
-      raise ValueError(f"ICR preset {arg!r}: {e}") from None
-  if arg.startswith("sweep-head-dim-") and parts[-1] in ("tiny", "paper"):
-    return sweep_head_dim(parts[-1])
-  if arg.startswith("sweep-compute-") and parts[-1] in ("tiny", "paper"):
-    return sweep_compute(parts[-1])
-  raise ValueError(
-      f"unknown ICR preset {arg!r}: allowed are tiny, tiny-<variant>, "
-      f"paper-<variant>-<d_input>-<width> (variant in {VARIANTS}), sweep-head-dim-<tiny|paper>, "
-      f"sweep-compute-<tiny|paper>")
+  return PRESETS.build(arg)
