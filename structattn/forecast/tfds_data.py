@@ -1,10 +1,10 @@
 """Forecasting splits as a TFDS array_record dataset (no TensorFlow, nothing downloaded).
 
-    splits = load_splits("etth1", "../shared/data/timeseries", seq_len=512, tfds_dir=None)
+    splits = load_splits("etth1", "/data/timeseries", seq_len=512, tfds_dir=None)
 
 `StructattnForecast` writes one example per (split, channel): {'channel': name, 'values':
 float32 (rows,) standardised with train statistics, 'mean', 'std'}, computed by
-`data.splits_from_csv`, under `tfds_dir/structattn_forecast/<dataset>_<sha12>_L<seq_len>_
+`splits.splits_from_csv`, under `tfds_dir/structattn_forecast/<dataset>_<sha12>_L<seq_len>_
 <columns hash>/1.0.0/` (tfds_dir '' -> $STRUCTATTN_DATA_DIR or ~/.cache/structattn/tfds). It
 is built once and read back with `as_data_source` (random access), giving arrays equal to
 the CSV path's.
@@ -21,7 +21,7 @@ import tensorflow_datasets as tfds
 from etils import epath
 
 from structattn.data.text import _progress_bars_off, resolve_data_dir
-from structattn.forecast import data as fdata
+from structattn.forecast import splits as fdata
 
 log = logging.getLogger(__name__)
 
@@ -80,13 +80,13 @@ def config_name(dataset: str, sha256: str, seq_len: int, columns) -> str:
   return f"{dataset}_{sha256[:12]}_L{seq_len}_{cols}"
 
 
-def builder(dataset: str, data_dir, seq_len: int, columns=(), tfds_dir=None):
+def builder(dataset: str, csv_dir, seq_len: int, columns=(), tfds_dir=None):
   """The prepared builder of one dataset at one look-back; built on first use."""
-  path = fdata.csv_path(dataset, data_dir)
+  path = fdata.csv_path(dataset, csv_dir)
   info = fdata.dataset_info(dataset)
   fdata.check_columns(path, info.date, tuple(columns) or info.columns)  # before building
   config = ForecastConfig(name=config_name(dataset, fdata.file_sha256(path), seq_len, columns),
-                          dataset=dataset, data_dir=str(fdata.resolve_data_dir(data_dir)),
+                          dataset=dataset, data_dir=str(fdata.resolve_csv_dir(csv_dir) or ""),
                           seq_len=seq_len, columns=columns, version=StructattnForecast.VERSION)
   root = resolve_data_dir(tfds_dir)
   b = StructattnForecast(config=config, data_dir=str(root), file_format="array_record")
@@ -98,10 +98,10 @@ def builder(dataset: str, data_dir, seq_len: int, columns=(), tfds_dir=None):
   return b, path
 
 
-def load_splits(dataset: str, data_dir, seq_len: int, columns=(), tfds_dir=None) -> fdata.Splits:
-  """`data.Splits` read back from the array_record dataset (built on first use)."""
+def load_splits(dataset: str, csv_dir, seq_len: int, columns=(), tfds_dir=None) -> fdata.Splits:
+  """`splits.Splits` read back from the array_record dataset (built on first use)."""
   info = fdata.dataset_info(dataset)
-  b, path = builder(dataset, data_dir, seq_len, tuple(columns), tfds_dir)
+  b, path = builder(dataset, csv_dir, seq_len, tuple(columns), tfds_dir)
   parts, means, stds, names = {}, None, None, None
   for split in fdata.SPLITS:
     source = b.as_data_source(split)
