@@ -75,7 +75,7 @@ VARIANTS = {
     "mha": dict(variant="mha"),
     "mlr": dict(variant="mlr", mlr_ranks=(32, 8, 6, 4, 4, 4, 4, 2), mlr_divide="block"),
     "mlr_pallas": dict(variant="mlr", mlr_ranks=(32, 8, 6, 4, 4, 4, 4, 2), mlr_divide="block",
-                       impl="pallas"),  # the fused Pallas-Triton MLR kernel (issue 9)
+                       impl="pallas"),  # the fused Pallas-Triton MLR kernel
     "mlr_mosaic": dict(variant="mlr", mlr_ranks=(32, 8, 6, 4, 4, 4, 4, 2), mlr_divide="block",
                        impl="mosaic"),  # Mosaic GPU forward and backward
     "swa": dict(variant="swa", window=512),

@@ -19,7 +19,7 @@ Piece by piece (pure functions on the rows of `results.collect` and `fit.Curve`s
     frontier.verdict(cmp)                           # 'below' | 'above' | 'indistinguishable'
 
 Conventions. The compute axis is ``compute/paper_macs`` (cumulative forward non-embedding MACs,
-SPEC section 5) and the loss is ``eval/loss`` (nats per character) from each run's
+the convention of the README's FLOP accounting) and the loss is ``eval/loss`` (nats per character) from each run's
 metrics.jsonl. A variant's *frontier* is represented by its runs' curves (a mapping variant ->
 sequence of `fit.Curve`, here called "frontiers"); its value at compute C is the least loss of
 those curves at C, each curve interpolated piecewise-linearly in log10 C and undefined (NaN)
