@@ -1,4 +1,4 @@
-"""Per-op device time of a PyTorch nanoGPT-style peer's training step (torch.profiler).
+"""Per-op GPU time of a PyTorch nanoGPT-style peer's training step (torch.profiler).
 
     python benchmarks/peer_profile.py --peer PATH/peer_nanogpt.py --batch 16 --seq-len 1024
 

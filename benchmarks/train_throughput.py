@@ -199,7 +199,7 @@ class Runner:
     return self
 
   def trace(self, n, log_dir):
-    """Profile n untimed steps; keep the per-op device time (ms per step, top 40 ops)."""
+    """Profile n untimed steps; keep the time per op on the device (ms per step, top 40 ops)."""
     self.run(1, timed=False)
     with jax.profiler.trace(log_dir, create_perfetto_trace=True):
       self.run(n, timed=False)
@@ -289,7 +289,7 @@ def main(argv=None):
   p.add_argument("--out", default="")
   p.add_argument("--tag", default="", help="a label for the xla column and the JSON rows")
   p.add_argument("--profile", default="", help="directory: also trace 3 steps per variant and "
-                 "record the per-op device time (ms per step) in the JSON")
+                 "record the time per op on the device (ms per step) in the JSON")
   args = p.parse_args(argv)
   if args.xla_flags and args.xla_flags not in os.environ.get("XLA_FLAGS", ""):
     raise SystemExit("--xla-flags takes effect only when this file runs as a script (XLA reads "

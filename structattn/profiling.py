@@ -1,4 +1,4 @@
-"""Where the time goes: per-op device time from a `jax.profiler` trace.
+"""Where the time goes: time per op on the device, from a `jax.profiler` trace.
 
     with jax.profiler.trace(log_dir, create_perfetto_trace=True):
       ...run n steps...

@@ -1,4 +1,5 @@
 import os
+import socket
 
 # Eight host devices for the sharding tests; must be set before jax initialises.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
@@ -69,3 +70,11 @@ def corpus(tmp_path_factory):
   for f in text_data.find_corpus("shakespeare")[:3]:
     (d / f.name).write_text(f.read_text(errors="replace")[:60_000])
   return d
+
+
+@pytest.fixture  # any attempt to open a network connection fails the test
+def no_network(monkeypatch):
+  def refuse(*args, **kwargs):
+    raise AssertionError("network access attempted")
+  monkeypatch.setattr(socket.socket, "connect", refuse)
+  monkeypatch.setattr(socket, "create_connection", refuse)

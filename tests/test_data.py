@@ -1,7 +1,6 @@
 """Tests for structattn.data: tokenisers, corpora, the TFDS builder and the LM pipelines."""
 
 import json
-import socket
 import sys
 from pathlib import Path
 
@@ -34,14 +33,6 @@ def corpus_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
   return tmp_path_factory.mktemp("tfds")
-
-
-@pytest.fixture
-def no_network(monkeypatch):
-  def refuse(*args, **kwargs):
-    raise AssertionError("network access attempted")
-  monkeypatch.setattr(socket.socket, "connect", refuse)
-  monkeypatch.setattr(socket, "create_connection", refuse)
 
 
 def _records(documents):

@@ -2,7 +2,6 @@
 
 import json
 import lzma
-import socket
 import tarfile
 from pathlib import Path
 
@@ -12,14 +11,6 @@ from structattn import lm_study, reproduce
 from structattn import study as study_lib
 from structattn.data import lm, text
 from structattn.data.tokenizers import get_tokenizer
-
-
-@pytest.fixture
-def no_network(monkeypatch):
-  def refuse(*args, **kwargs):
-    raise AssertionError("network access attempted")
-  monkeypatch.setattr(socket.socket, "connect", refuse)
-  monkeypatch.setattr(socket, "create_connection", refuse)
 
 
 def _english_slice(folder, chars=3000):
