@@ -8,7 +8,8 @@ Model: 12 layers, width 768, 12 heads x 64, T=1024, GPT-2 vocabulary (50,257 pad
 50,304), tied embeddings, bf16 compute with fp32 parameters and AdamW, synthetic tokens (the
 input pipeline is not measured).  One train step = the library's jitted `train_step` with
 donation.  MFU = tokens/s x true training FLOPs per token (6 x forward MACs with causal pair
-counts, LM head included; `structattn.flops.model_flops`) / (989 TFLOP/s x devices).
+counts, LM head included; `structattn.flops.model_flops`) / (the card's dense bf16 peak,
+`structattn.hardware.peak_flops` by device kind, x devices); no MFU (null) on an unknown card.
 Prints one table and writes JSON (default benchmarks/results/train-<backend>.json).
 
     python benchmarks/train_throughput.py --variants mha --mesh 1,1,1     # sharded-path cost
@@ -69,7 +70,8 @@ from structattn import profiling
 from structattn import sharding
 from structattn.models.gpt import GPT, GPTConfig, param_counts
 from structattn.optim import make_optimizer
-from structattn.train import H100_BF16_PEAK, ShardedStep, loss_fn, shard_state, train_step
+from structattn.hardware import peak_flops
+from structattn.train import ShardedStep, loss_fn, shard_state, train_step
 
 VARIANTS = {
     "mha": dict(variant="mha"),
@@ -122,6 +124,12 @@ def config_for(variant, args, options="baseline"):
     section, field = key.split(".")
     c[section][field] = value
   return c
+
+
+def mfu(flops_per_s: float, devices: int, device=None) -> float | None:
+  """Model-FLOPs utilisation against the peak of the card in use (None when unknown)."""
+  peak = peak_flops(device if device is not None else jax.devices()[0])
+  return None if peak is None else flops_per_s / (peak * devices)
 
 
 class Runner:
@@ -217,7 +225,7 @@ class Runner:
                 pipelined_step_ms=(statistics.median(self.pipelined) * 1e3 if self.pipelined
                                    else None),
                 tokens_per_s=tok_s, tokens_per_s_per_device=tok_s / self.devices,
-                mfu=tok_s * self.fl["train_flops_per_token"] / (H100_BF16_PEAK * self.devices),
+                mfu=mfu(tok_s * self.fl["train_flops_per_token"], self.devices),
                 train_flops_per_token=self.fl["train_flops_per_token"],
                 paper_macs_per_token=self.fl["paper_macs_per_token"], compile_s=self.compile_s,
                 temp_MiB=self.temp_mib, loss=float(self.metrics["train/loss"]),
@@ -260,7 +268,9 @@ def print_table(rows, header):
     pipe = r.get("pipelined_step_ms")
     print(f"{name:8s} {opts:14s} {xla:8s} {m:>6s} {r['step_ms']:8.2f} "
           f"{pipe if pipe is not None else float('nan'):8.2f} {r['tokens_per_s']:9.0f} "
-          f"{r['tokens_per_s_per_device']:9.0f} {100 * r['mfu']:5.1f}% {r['compile_s']:9.1f} "
+          f"{r['tokens_per_s_per_device']:9.0f} "
+          f"{'-' if r.get('mfu') is None else format(100 * r['mfu'], '.1f') + '%':>6s} "
+          f"{r['compile_s']:9.1f} "
           f"{r['loss']:8.4f}" + (f"  vs unsharded: {r['vs_unsharded']}"
                                  if r.get("vs_unsharded") else ""))
 

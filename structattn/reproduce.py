@@ -268,7 +268,7 @@ def reproduce(figure: str, scale: str, workdir: str, parallel: int = 1, vmap: bo
   statuses = {}
   if scale in STUDY_SCALES:
     return _reproduce_study(scale, out, parallel, vmap, overrides, analyze_only, cache_dir,
-                            time_limit, archive)
+                            time_limit, archive, only)
   if not analyze_only:
     from structattn import sweep as sweep_lib
     config = load_preset(file, f"{preset}-{scale}")
@@ -286,13 +286,24 @@ def reproduce(figure: str, scale: str, workdir: str, parallel: int = 1, vmap: bo
   return summary
 
 
+def study_plan(spec, overrides: Mapping[str, Any] | None = None, only: Sequence[str] = ()):
+  """The study's plan as a function of its run folder; with `only`, each stage keeps the points
+  whose names contain one of those substrings (`--only`)."""
+  from structattn import lm_study
+
+  def plan(runs):
+    stages = lm_study.plan(spec, runs, dict(overrides or {}))
+    return [[p for p in st if any(o in p[0] for o in only)] for st in stages] if only else stages
+  return plan
+
+
 def _reproduce_study(scale, out: Path, parallel, vmap, overrides, analyze_only, cache_dir,
-                     time_limit, archive) -> dict[str, Any]:
+                     time_limit, archive, only: Sequence[str] = ()) -> dict[str, Any]:
   from structattn import lm_study
   from structattn import study as study_lib
   spec = lm_study.spec_for(scale)
   overrides = dict(overrides or {})
-  plan = lambda runs: lm_study.plan(spec, runs, overrides)
+  plan = study_plan(spec, overrides, only)
   if analyze_only:
     study_lib.unpack(archive or out / "runs.tar.gz", out / "runs")
     summary = {"statuses": {}, "ran": [], "pending": [], "skipped_for_time": []}

@@ -118,6 +118,7 @@ def observed_rates(runs_dir: Path, points: Sequence[Point]) -> dict[tuple[str, i
   """Units per second of finished runs, by (model key, members trained together): the median
   logged `throughput/<unit>_per_s` of each run (it counts every member of a group)."""
   rates: dict[tuple[str, int], float] = {}
+  largest: dict[int, float] = {}  # group size -> the largest training FLOPs per unit seen
   members: dict[str, int] = {}
   for name, config in points:
     members[model_key(config)] = members.get(model_key(config), 0) + 1
@@ -135,8 +136,11 @@ def observed_rates(runs_dir: Path, points: Sequence[Point]) -> dict[tuple[str, i
       m = int(group.get("group_size", 1))
       rates[(model_key(config), m)] = values[len(values) // 2]
       per_unit = float(result.get(f"compute/train_flops_per_{unit[:-1]}", 0) or 0)
-      if per_unit > 0:  # FLOP/s, for models that have not run yet
-        rates[("", m)] = min(rates.get(("", m), math.inf), values[len(values) // 2] * per_unit)
+      # FLOP/s, for models that have not run yet: that of the largest model seen (per unit),
+      # since a larger model keeps the accelerator at least as busy as a smaller one.
+      if per_unit > 0 and per_unit >= largest.get(m, 0.0):
+        largest[m] = per_unit
+        rates[("", m)] = values[len(values) // 2] * per_unit
   return rates
 
 
@@ -158,7 +162,7 @@ def estimate_seconds(group: Sequence[Point], rates: dict[tuple[str, int], float]
   if flops_of is None:
     return startup
   seen = [r for (k, size), r in rates.items() if k == "" and size == m]
-  rate = min(seen) if seen else default_rate  # the slowest other model's FLOP/s, if any ran
+  rate = min(seen) if seen else default_rate  # the largest finished model's FLOP/s, if any
   return startup + sum(flops_of(c) for _, c in group) / rate
 
 
@@ -230,8 +234,9 @@ def run_study(plan: Plan, workdir: str | os.PathLike, *, time_limit: float | Non
           while len(running) >= parallel:
             _drain(running, runs, archive, ran, log, cf.FIRST_COMPLETED)
       _drain(running, runs, archive, ran, log, cf.ALL_COMPLETED)
-      if skipped:
-        break  # out of time: later stages depend on this one
+      # Out of time for some of this stage: go on to the next stage `plan` already knows
+      # (its points depend only on finished runs), so short remaining time still runs the
+      # cheaper later points.
   finally:
     if pool is not None:
       pool.shutdown(wait=True, cancel_futures=True)

@@ -135,6 +135,17 @@ def test_throughput_benchmark_runs_every_option(tmp_path):
     assert "error" not in r, r
     assert r["step_ms"] > 0 and r["pipelined_step_ms"] > 0 and np.isfinite(r["loss"])
   assert abs(rows[0]["loss"] - rows[2]["loss"]) < 0.05
+  assert all(r["mfu"] is None for r in rows)  # a CPU has no known peak: no MFU
+
+
+def test_benchmark_mfu_uses_the_peak_of_the_card_in_use():
+  class Card:
+    def __init__(self, kind):
+      self.device_kind = kind
+  bench = _bench()
+  assert bench.mfu(989e12 / 2, 1, Card("NVIDIA H200")) == pytest.approx(0.5)
+  assert bench.mfu(312e12, 2, Card("NVIDIA A100-SXM4-80GB")) == pytest.approx(0.5)
+  assert bench.mfu(1e12, 1, Card("Some Future Card")) is None
 
 
 def test_throughput_matrix_runs_options_and_a_flag_set(tmp_path):

@@ -99,12 +99,12 @@ def test_plan_stages_follow_the_grid(tmp_path):
         json.dumps({"status": "completed", "final/eval_loss": loss}))
   assert lm_study.chosen_lrs(spec, tmp_path) == {"mha": 1e-2, "mlr": 3e-3}
   stages = lm_study.plan(spec, tmp_path)
-  assert [len(s) for s in stages] == [4, 0, 4, 2]
-  widest = {n: c for n, c in stages[2]}
+  assert [len(s) for s in stages] == [4, 0, 2, 4]  # grid, middle widths, seeds, widest
+  widest = {n: c for n, c in stages[3]}
   long = [c for c in widest.values() if c.train.steps == spec.long_steps]
   assert sorted((c.attention.variant, c.train.lr) for c in long) == [("mha", 1e-2), ("mlr", 3e-3)]
   assert all(c.model.d_model == spec.widths[-1] for c in widest.values())
-  assert sorted(c.seed for _, c in stages[3]) == [1, 1]
+  assert sorted(c.seed for _, c in stages[2]) == [1, 1]
 
 
 def test_every_planned_point_has_a_valid_attention_spec(tmp_path):
@@ -182,3 +182,50 @@ def test_mini_study_end_to_end_twice(tmp_path, capsys):
   assert (tmp_path / "table.csv").is_file()
   assert fit_cli.main([str(elsewhere / "runs"), f"--out={tmp_path / 'fit'}"]) == 0
   capsys.readouterr()
+
+
+def _fake_finished(runs, name, config, tokens_per_s, flops_per_token):
+  run = runs / name
+  run.mkdir(parents=True)
+  (run / "result.json").write_text(json.dumps({
+      "status": "completed", "unit": "tokens", "compute/train_flops_per_token": flops_per_token}))
+  rows = [{"step": s, "throughput/tokens_per_s": tokens_per_s} for s in (1, 2, 3)]
+  (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+  (run / "study.json").write_text(json.dumps({"group_size": 1}))
+
+
+def test_unseen_models_are_estimated_at_the_largest_finished_models_rate(tmp_path):
+  spec = lm_study.spec_for("mini")
+  small = lm_study.point(spec, "mha", 32, 3e-3, 12)
+  large = lm_study.point(spec, "mha", 64, 3e-3, 12)
+  # The small model keeps the accelerator less busy (1e6 FLOP/s) than the large (4e6).
+  _fake_finished(tmp_path, small[0], small[1], tokens_per_s=1e3, flops_per_token=1e3)
+  _fake_finished(tmp_path, large[0], large[1], tokens_per_s=1e3, flops_per_token=4e3)
+  rates = study_lib.observed_rates(tmp_path, [small, large])
+  assert rates[("", 1)] == pytest.approx(4e6)
+  unseen = lm_study.point(spec, "mlr", 64, 3e-3, 12)
+  need = study_lib.estimate_seconds([unseen], rates, lm_study.flops_of, startup=0.0)
+  assert need == pytest.approx(lm_study.flops_of(unseen[1]) / 4e6)
+
+
+def test_only_keeps_the_matching_points_of_every_stage(tmp_path):
+  spec = lm_study.spec_for("mini")
+  plan = reproduce.study_plan(spec, only=["variant=mlr"])
+  stages = plan(tmp_path)
+  assert stages[0] and all("variant=mlr" in name for name, _ in stages[0])
+  assert len(stages[0]) == len(spec.lrs)
+  assert reproduce.study_plan(spec)(tmp_path)[0] == lm_study.plan(spec, tmp_path)[0]
+
+
+def test_a_stage_out_of_time_does_not_stop_the_cheaper_next_stage(tmp_path):
+  spec = lm_study.spec_for("mini")
+  costly = lm_study.point(spec, "mha", 32, 3e-3, 12)
+  cheap = lm_study.point(spec, "mha", 32, 1e-2, 4)
+  flops = {costly[0]: 1e12, cheap[0]: 1.0}
+  summary = study_lib.run_study(lambda runs: [[costly], [cheap]], tmp_path, time_limit=120,
+                                flops_of=lambda c: flops[lm_study.point(
+                                    spec, "mha", 32, c.train.lr, c.train.steps)[0]],
+                                default_rate=1e6, startup=0.0, log=lambda s: None)
+  assert summary["skipped_for_time"] == [costly[0]]
+  assert summary["ran"] == [cheap[0]]
+  assert summary["statuses"][cheap[0]] == "completed"

@@ -44,8 +44,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.task = "lm"
   c.seed = 0
   c.model = ml_collections.ConfigDict(dict(
-      d_model=64, num_layers=2, seq_len=128, mlp_ratio=4, pos="learned", tie_embeddings=False,
-      dtype="auto", attention_pattern=""))
+      d_model=64, num_layers=2, seq_len=128, mlp_ratio=4, pos="learned", pos_init="normal",
+      tie_embeddings=False, dtype="auto", attention_pattern=""))
   c.attention = attention_config("mha")
   c.data = ml_collections.ConfigDict(dict(
       corpus="shakespeare", corpus_dir="", tokenizer="char96", tfds_dir="", val_fraction=0.05,

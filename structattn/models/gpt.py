@@ -30,6 +30,21 @@ from structattn.linear import Dense
 from structattn.sharding import constrain, param
 
 POSITIONS = ("learned", "rope", "none")
+POS_INITS = ("normal", "sinusoidal")
+
+
+def sinusoidal_table(seq_len: int, d: int, std: float = 0.02):
+  """The Transformer's sin/cos position table (T, D), scaled to RMS `std`: frequencies
+  10000^(-2i/D), sines in the even columns, cosines in the odd.  As the initial value of
+  learned positions it puts relative offsets within a linear map's reach (sin/cos pairs rotate
+  with the offset), so attention can find nearby characters from the first steps."""
+  pos_T1 = jnp.arange(seq_len, dtype=jnp.float32)[:, None]
+  freq_F = jnp.exp(-jnp.log(10000.0) * jnp.arange(0, d, 2, dtype=jnp.float32) / d)
+  angle_TF = pos_T1 * freq_F[None]
+  table_TD = jnp.zeros((seq_len, d), jnp.float32)
+  table_TD = table_TD.at[:, 0::2].set(jnp.sin(angle_TF))
+  table_TD = table_TD.at[:, 1::2].set(jnp.cos(angle_TF[:, : d // 2]))
+  return table_TD * (std / jnp.sqrt(jnp.mean(table_TD ** 2)))
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float64": jnp.float64}
 
 
@@ -113,6 +128,7 @@ class GPTConfig:
   seq_len: int
   d_mlp: int
   pos: str = "learned"
+  pos_init: str = "normal"  # learned positions: N(0, 0.02^2) (the paper) or 'sinusoidal'
   tie_embeddings: bool = False
   dtype: Any = jnp.float32
   specs: tuple[AttentionSpec, ...] = ()
@@ -123,13 +139,17 @@ class GPTConfig:
     m = config.model
     if m.get("pos", "learned") not in POSITIONS:
       raise ValueError(f"model.pos={m.pos!r} is invalid: allowed values are {POSITIONS}")
+    if m.get("pos_init", "normal") not in POS_INITS:
+      raise ValueError(f"model.pos_init={m.pos_init!r} is invalid: allowed values are "
+                       f"{POS_INITS}")
     for field in ("d_model", "num_layers", "seq_len"):
       if int(m.get(field, 0)) <= 0:
         raise ValueError(f"model.{field}={m.get(field)!r} is invalid: must be a positive integer")
     dtype = compute_dtype(m.get("dtype", "auto"))
     return cls(vocab_size=vocab_size, d_model=m.d_model, num_layers=m.num_layers,
                seq_len=m.seq_len, d_mlp=int(m.get("mlp_ratio", 4) * m.d_model),
-               pos=m.get("pos", "learned"), tie_embeddings=bool(m.get("tie_embeddings", False)),
+               pos=m.get("pos", "learned"), pos_init=m.get("pos_init", "normal"),
+               tie_embeddings=bool(m.get("tie_embeddings", False)),
                dtype=dtype, specs=layer_specs(m, config.attention),
                residual_dtype=residual_dtype(m.get("residual_dtype", ""), dtype))
 
@@ -143,8 +163,10 @@ class GPT(nnx.Module):
     self.embed = param(jax.random.normal(rngs.params(), (cfg.vocab_size, d)) * 0.02,
                        ("vocab", "embed"))
     if cfg.pos == "learned":
-      self.pos = param(jax.random.normal(rngs.params(), (cfg.seq_len, d)) * 0.02,
-                       (None, "embed"))
+      key = rngs.params()  # drawn either way, so the other parameters' draws do not move
+      table = (sinusoidal_table(cfg.seq_len, d) if cfg.pos_init == "sinusoidal"
+               else jax.random.normal(key, (cfg.seq_len, d)) * 0.02)
+      self.pos = param(table, (None, "embed"))
     else:
       self.pos = None
     self.blocks = nnx.List([Block(s, cfg.d_mlp, rngs=rngs, dtype=cfg.dtype,
