@@ -14,8 +14,9 @@ the ones before (`plan`):
   2. widths: the other widths but the widest, at each variant's best rate of stage 1 (muP's
      claim is that the rate transfers across width);
   3. seeds: extra seeds of `seed_variants` at `seed_width`, for the seed-to-seed spread;
-  4. widest: the widest width at that rate for `long_steps` steps, and at the grid's other
-     rates for `steps` steps (with a constant rate after warm-up, the long run's first
+  4. widest: the widest width at that rate for `long_steps` steps, and at the rates next to
+     it in the stage-1 grid (half a decade below and above) for `steps` steps: a three-point
+     grid that tests the transfer (with a constant rate after warm-up, the long run's first
      `steps` steps are exactly the short run, so the grid compares at equal tokens).
 """
 
@@ -196,9 +197,19 @@ def plan(spec: StudySpec, runs: Path, overrides: dict | None = None) -> list[lis
   for v in spec.variants:
     widest_pts.append(point(spec, v, widest, chosen[v], spec.long_steps, overrides=overrides))
     widest_pts += [point(spec, v, widest, lr, spec.steps, overrides=overrides)
-                   for lr in spec.lrs if lr != chosen[v]]
+                   for lr in neighbour_lrs(spec, runs, v, chosen[v], overrides)]
   stages.append(widest_pts)
   return stages
+
+
+def neighbour_lrs(spec: StudySpec, runs: Path, variant: str, chosen: float,
+                  overrides: dict | None = None) -> list[float]:
+  """The rates next to `chosen` in the variant's (extended) grid at the smallest width: with
+  the chosen rate itself, the widest width's grid, which tests muP's transfer of the rate."""
+  pts, _ = _grid(spec, Path(runs), variant, spec.widths[0], spec.steps, overrides)
+  lrs = sorted({float(c.train.lr) for _, c in pts})
+  i = lrs.index(float(chosen))
+  return lrs[max(i - 1, 0):i] + lrs[i + 1:i + 2]
 
 
 def chosen_lrs(spec: StudySpec, runs: Path, overrides: dict | None = None) -> dict[str, float]:

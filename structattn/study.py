@@ -15,7 +15,10 @@ goes on; `structattn-results` and
 Points that differ only in seed and learning rate run as one vmapped group (`vmap=True`);
 `parallel > 1` runs groups in that many worker processes.  The time a group will take is
 estimated from its training FLOPs at the rate the finished runs of the same model achieved
-(`estimate_seconds`); a group that would not finish before the limit is not started.
+(`estimate_seconds`); a group that would not finish before the limit is not started.  Rates
+are kept per accelerator: a run measured while p groups shared it counts p times its own rate,
+and a group started beside `parallel - 1` others is expected to get 1/parallel of it (the
+accelerator, not the host, is what the groups share).
 """
 
 from __future__ import annotations
@@ -116,12 +119,10 @@ def units_of(config: ml_collections.ConfigDict) -> float:
 
 def observed_rates(runs_dir: Path, points: Sequence[Point]) -> dict[tuple[str, int], float]:
   """Units per second of finished runs, by (model key, members trained together): the median
-  logged `throughput/<unit>_per_s` of each run (it counts every member of a group)."""
+  logged `throughput/<unit>_per_s` of each run (it counts every member of a group), times the
+  number of groups that shared the accelerator with it (`parallel` in its study.json)."""
   rates: dict[tuple[str, int], float] = {}
   largest: dict[int, float] = {}  # group size -> the largest training FLOPs per unit seen
-  members: dict[str, int] = {}
-  for name, config in points:
-    members[model_key(config)] = members.get(model_key(config), 0) + 1
   for name, config in points:
     try:
       result = json.loads((runs_dir / name / "result.json").read_text())
@@ -134,24 +135,28 @@ def observed_rates(runs_dir: Path, points: Sequence[Point]) -> dict[tuple[str, i
                     if f"throughput/{unit}_per_s" in r)
     if result.get("status") == "completed" and values:
       m = int(group.get("group_size", 1))
-      rates[(model_key(config), m)] = values[len(values) // 2]
+      shared = max(1, int(group.get("parallel", 1)))
+      rates[(model_key(config), m)] = values[len(values) // 2] * shared
       per_unit = float(result.get(f"compute/train_flops_per_{unit[:-1]}", 0) or 0)
       # FLOP/s, for models that have not run yet: that of the largest model seen (per unit),
       # since a larger model keeps the accelerator at least as busy as a smaller one.
-      if per_unit > 0 and per_unit >= largest.get(m, 0.0):
-        largest[m] = per_unit
-        rates[("", m)] = values[len(values) // 2] * per_unit
+      for size in (m, 0):  # 0: any group size
+        if per_unit > 0 and per_unit >= largest.get(size, 0.0):
+          largest[size] = per_unit
+          rates[("", size)] = values[len(values) // 2] * shared * per_unit
   return rates
 
 
 def estimate_seconds(group: Sequence[Point], rates: dict[tuple[str, int], float],
                      flops_of: Callable[[ml_collections.ConfigDict], float] | None = None,
                      default_rate: float = DEFAULT_RATE,
-                     startup: float = STARTUP_SECONDS) -> float:
+                     startup: float = STARTUP_SECONDS, parallel: int = 1) -> float:
   """Seconds a group (members trained together) is expected to take, start-up included: its
   units at the rate a finished group of the same model and size achieved, else (or when only
-  other group sizes finished, at their rate scaled by size) its training FLOPs at
-  `default_rate` FLOP/s."""
+  other group sizes finished, at their rate scaled by size) its training FLOPs at the FLOP/s
+  of the largest finished model, else at `default_rate` FLOP/s; observed rates are divided by
+  `parallel`, the groups that will share the accelerator."""
+  rates = {k: r / max(1, int(parallel)) for k, r in rates.items()}
   key, m = model_key(group[0][1]), len(group)
   units = sum(units_of(c) for _, c in group)
   if (key, m) in rates:
@@ -161,8 +166,10 @@ def estimate_seconds(group: Sequence[Point], rates: dict[tuple[str, int], float]
     return startup + units / max(r for _, r in same)
   if flops_of is None:
     return startup
-  seen = [r for (k, size), r in rates.items() if k == "" and size == m]
-  rate = min(seen) if seen else default_rate  # the largest finished model's FLOP/s, if any
+  # The largest finished model's FLOP/s, in a group of this size if one ran, else of any size.
+  seen = [r for (k, size), r in rates.items() if k == "" and size == m] or [
+      r for (k, size), r in rates.items() if k == "" and size == 0]
+  rate = min(seen) if seen else default_rate
   return startup + sum(flops_of(c) for _, c in group) / rate
 
 
@@ -215,12 +222,13 @@ def run_study(plan: Plan, workdir: str | os.PathLike, *, time_limit: float | Non
         break
       todo = [p for p in stage
               if sweep_lib.status_of(runs / p[0]) != "completed" and p[0] not in tried]
-      rates = observed_rates(runs, stage)
+      rates = observed_rates(runs, [p for st in plan(runs) for p in st])
       jobs = [[todo[i] for i in g] for g in sweep_lib.groups(todo, vmap)]
-      running: dict[cf.Future, list[Point]] = {}
+      running: dict[cf.Future, tuple[list[Point], int]] = {}
+      sharing = min(parallel, len(jobs))  # groups that share the accelerator in this stage
       for job in jobs:
         tried.update(n for n, _ in job)
-        need = estimate_seconds(job, rates, flops_of, default_rate, startup)
+        need = estimate_seconds(job, rates, flops_of, default_rate, startup, parallel=sharing)
         if time.time() + need > deadline:
           skipped += [n for n, _ in job]
           log(f"study: not starting {[n for n, _ in job]} (needs ~{need:.0f} s, "
@@ -228,9 +236,9 @@ def run_study(plan: Plan, workdir: str | os.PathLike, *, time_limit: float | Non
           continue
         args = ([c.to_dict() for _, c in job], [str(runs / n) for n, _ in job], vmap)
         if pool is None:
-          _finish(job, sweep_lib.run_points(*args), runs, archive, ran, log)
+          _finish(job, sweep_lib.run_points(*args), runs, archive, ran, log, 1)
         else:
-          running[pool.submit(sweep_lib.run_points, *args)] = job
+          running[pool.submit(sweep_lib.run_points, *args)] = (job, sharing)
           while len(running) >= parallel:
             _drain(running, runs, archive, ran, log, cf.FIRST_COMPLETED)
       _drain(running, runs, archive, ran, log, cf.ALL_COMPLETED)
@@ -301,20 +309,21 @@ def _drain(running, runs, archive, ran, log, when) -> None:
     return
   done, _ = cf.wait(list(running), return_when=when)
   for future in done:
-    job = running.pop(future)
+    job, shared = running.pop(future)
     try:
       statuses = future.result()
     except Exception as e:  # noqa: BLE001  (a broken worker must not stop the study)
       statuses = [sweep_lib._record_failure(runs / n, e) for n, _ in job]
-    _finish(job, statuses, runs, archive, ran, log)
+    _finish(job, statuses, runs, archive, ran, log, shared)
 
 
-def _finish(job, statuses, runs, archive, ran, log) -> None:
+def _finish(job, statuses, runs, archive, ran, log, parallel) -> None:
   for (name, _), status in zip(job, statuses):
     ran.append(name)
     (runs / name).mkdir(parents=True, exist_ok=True)
     (runs / name / "study.json").write_text(json.dumps(
-        {"group_size": len(job), "group": [n for n, _ in job]}, indent=1))
+        {"group_size": len(job), "group": [n for n, _ in job], "parallel": parallel},
+        indent=1))
     log(f"study: {name}: {status}")
   n = pack(runs, archive)
   log(f"study: archive {archive} holds {n} finished runs")

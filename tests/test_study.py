@@ -229,3 +229,29 @@ def test_a_stage_out_of_time_does_not_stop_the_cheaper_next_stage(tmp_path):
   assert summary["skipped_for_time"] == [costly[0]]
   assert summary["ran"] == [cheap[0]]
   assert summary["statuses"][cheap[0]] == "completed"
+
+
+def test_rates_are_per_accelerator_across_sharing(tmp_path):
+  spec = lm_study.spec_for("mini")
+  name, config = lm_study.point(spec, "mha", 32, 3e-3, 12)
+  _fake_finished(tmp_path, name, config, tokens_per_s=1e3, flops_per_token=1e3)
+  (tmp_path / name / "study.json").write_text(json.dumps({"group_size": 1, "parallel": 2}))
+  rates = study_lib.observed_rates(tmp_path, [(name, config)])
+  key = study_lib.model_key(config)
+  assert rates[(key, 1)] == pytest.approx(2e3)  # two groups shared the accelerator
+  units = study_lib.units_of(config)
+  alone = study_lib.estimate_seconds([(name, config)], rates, startup=0.0)
+  shared = study_lib.estimate_seconds([(name, config)], rates, startup=0.0, parallel=4)
+  assert alone == pytest.approx(units / 2e3) and shared == pytest.approx(4 * alone)
+
+
+def test_widest_grid_is_the_chosen_rate_and_its_grid_neighbours(tmp_path):
+  spec = lm_study.spec_for("english")
+  for name, _ in lm_study.plan(spec, tmp_path)[0]:  # 1e-3 wins for every variant
+    (tmp_path / name).mkdir()
+    (tmp_path / name / "result.json").write_text(json.dumps(
+        {"status": "completed", "final/eval_loss": 1.0 if "lr=0.001," in name else 2.0}))
+  widest = lm_study.plan(spec, tmp_path)[3]
+  mha = sorted((c.train.lr, c.train.steps) for _, c in widest if c.attention.variant == "mha")
+  assert mha == [(0.000316, spec.steps), (0.001, spec.long_steps), (0.00316, spec.steps)]
+  assert len(widest) == 3 * len(spec.variants)
