@@ -147,6 +147,22 @@ def observed_rates(runs_dir: Path, points: Sequence[Point]) -> dict[tuple[str, i
   return rates
 
 
+def finished_points(runs_dir: Path) -> list[Point]:
+  """(name, config) of every run directory under runs_dir with a config and a result, planned
+  or not (a plan narrowed by `--only` still estimates from every model that has run)."""
+  out = []
+  for result in sorted(Path(runs_dir).glob("*/result.json")):
+    run = result.parent
+    if ".stale-" in run.name:
+      continue
+    try:
+      config = ml_collections.ConfigDict(json.loads((run / "config.json").read_text()))
+    except (OSError, ValueError):
+      continue
+    out.append((run.name, config))
+  return out
+
+
 def estimate_seconds(group: Sequence[Point], rates: dict[tuple[str, int], float],
                      flops_of: Callable[[ml_collections.ConfigDict], float] | None = None,
                      default_rate: float = DEFAULT_RATE,
@@ -222,7 +238,7 @@ def run_study(plan: Plan, workdir: str | os.PathLike, *, time_limit: float | Non
         break
       todo = [p for p in stage
               if sweep_lib.status_of(runs / p[0]) != "completed" and p[0] not in tried]
-      rates = observed_rates(runs, [p for st in plan(runs) for p in st])
+      rates = observed_rates(runs, finished_points(runs) + [p for st in plan(runs) for p in st])
       jobs = [[todo[i] for i in g] for g in sweep_lib.groups(todo, vmap)]
       running: dict[cf.Future, tuple[list[Point], int]] = {}
       sharing = min(parallel, len(jobs))  # groups that share the accelerator in this stage

@@ -255,3 +255,14 @@ def test_widest_grid_is_the_chosen_rate_and_its_grid_neighbours(tmp_path):
   mha = sorted((c.train.lr, c.train.steps) for _, c in widest if c.attention.variant == "mha")
   assert mha == [(0.000316, spec.steps), (0.001, spec.long_steps), (0.00316, spec.steps)]
   assert len(widest) == 3 * len(spec.variants)
+
+
+def test_a_narrowed_plan_still_estimates_from_every_finished_run(tmp_path):
+  spec = lm_study.spec_for("mini")
+  large = lm_study.point(spec, "mha", 64, 3e-3, 12)
+  _fake_finished(tmp_path, large[0], large[1], tokens_per_s=1e3, flops_per_token=4e3)
+  (tmp_path / large[0] / "config.json").write_text(json.dumps(large[1].to_dict()))
+  unseen = lm_study.point(spec, "mlr", 64, 3e-3, 12)
+  rates = study_lib.observed_rates(tmp_path, study_lib.finished_points(tmp_path) + [unseen])
+  need = study_lib.estimate_seconds([unseen], rates, lm_study.flops_of, startup=0.0)
+  assert need == pytest.approx(lm_study.flops_of(unseen[1]) / 4e6)
