@@ -317,11 +317,11 @@ def fit_power_law(x: Any, y: Any, *, weights: str = "relative", robust: bool = F
     if np.unique(x[idx]).size >= 3:
       boot.append(one(idx)[:3])
   boot = np.asarray(boot, float).reshape(-1, 3)
-  boot_A = boot[:, 1] * x_ref ** boot[:, 2]
+  boot_amp = boot[:, 1] * x_ref ** boot[:, 2]  # each bootstrap fit's A (at x = 1)
   pred = E + A_ref * np.exp(-alpha * logc)
   rmse_log = float(np.sqrt(np.mean(np.log(y / np.maximum(pred, 1e-300)) ** 2)))
   return PowerLawFit(status, E, A_ref * x_ref**alpha, alpha, _ci(boot[:, 0], ci),
-                     _ci(boot_A, ci), _ci(boot[:, 2], ci), n, x_ref, A_ref, rmse_log,
+                     _ci(boot_amp, ci), _ci(boot[:, 2], ci), n, x_ref, A_ref, rmse_log,
                      msg.rstrip("; "), boot, ci)
 
 

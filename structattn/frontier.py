@@ -23,8 +23,9 @@ the convention of the README's FLOP accounting) and the loss is ``eval/loss`` (n
 metrics.jsonl. A variant's *frontier* is represented by its runs' curves (a mapping variant ->
 sequence of `fit.Curve`, here called "frontiers"); its value at compute C is the least loss of
 those curves at C, each curve interpolated piecewise-linearly in log10 C and undefined (NaN)
-outside its own measured range. Arrays are named by shape: P shared points, R runs, B
-bootstrap replicates, G grid points.
+outside its own measured range. Docstrings here write lengths as P shared points, R runs, B
+bootstrap replicates, G grid points (a shorthand of this module; its array names carry no
+shape suffixes, whose letters mean what the package legend says).
 
 Uncertainty. (a) Bootstrap over runs: each variant's runs are resampled with replacement
 (independently per variant) and its frontier is rebuilt, B times from one seeded generator;
@@ -226,11 +227,11 @@ def run_matrix(curves: Sequence[fit_lib.Curve], at: Any) -> np.ndarray:
   return np.stack([interp_log(c, at) for c in curves])
 
 
-def _envelope(M_RG: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _envelope(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   """Least finite value per column and its row (-1 and NaN where none)."""
-  if M_RG.shape[0] == 0:
-    return np.full(M_RG.shape[1], np.nan), np.full(M_RG.shape[1], -1)
-  F = np.where(np.isfinite(M_RG), M_RG, np.inf)
+  if matrix.shape[0] == 0:
+    return np.full(matrix.shape[1], np.nan), np.full(matrix.shape[1], -1)
+  F = np.where(np.isfinite(matrix), matrix, np.inf)
   i = np.argmin(F, axis=0)
   y = F[i, np.arange(F.shape[1])]
   ok = np.isfinite(y)
@@ -285,12 +286,12 @@ def shared_points(frontiers: Frontiers, n: int = 8, inset: float = 1e-6) -> np.n
 
 # ------------------------------------------------------------------------------ bootstrap
 
-def _boot_envelopes(M_RG: np.ndarray, idx_BR: np.ndarray) -> np.ndarray:
+def _boot_envelopes(matrix: np.ndarray, idx: np.ndarray) -> np.ndarray:
   """(B, G): the envelope of each replicate's resampled rows."""
-  if M_RG.shape[0] == 0:
-    return np.full((idx_BR.shape[0], M_RG.shape[1]), np.nan)
-  F = np.where(np.isfinite(M_RG), M_RG, np.inf)
-  y = F[idx_BR].min(axis=1)
+  if matrix.shape[0] == 0:
+    return np.full((idx.shape[0], matrix.shape[1]), np.nan)
+  F = np.where(np.isfinite(matrix), matrix, np.inf)
+  y = F[idx].min(axis=1)
   return np.where(np.isfinite(y), y, np.nan)
 
 
@@ -301,9 +302,9 @@ def _boot_indices(frontiers: Frontiers, n_boot: int, seed: int) -> dict[str, np.
           for v in sorted(frontiers)}
 
 
-def _pct(samples_B: np.ndarray, ci: float) -> tuple[float, float, int]:
+def _pct(samples: np.ndarray, ci: float) -> tuple[float, float, int]:
   """Percentile interval over the finite samples (actual sample values: inf allowed)."""
-  s = np.asarray(samples_B, float)
+  s = np.asarray(samples, float)
   s = s[~np.isnan(s)]
   if s.size < 2:
     return math.nan, math.nan, int(s.size)
@@ -435,11 +436,11 @@ def compare(frontiers: Frontiers, at: Any, *, target: str = "mlr",
   sds = seed_sds(seeds, variants)
   out_rivals = {}
   for r in rivals:
-    d_B = boot[target] - boot[r]
-    cis = [_pct(d_B[:, p], ci) for p in range(at.size)]
+    diff_boot = boot[target] - boot[r]
+    cis = [_pct(diff_boot[:, p], ci) for p in range(at.size)]
     with np.errstate(invalid="ignore"):
-      p_below = [float(np.mean(d_B[np.isfinite(d_B[:, p]), p] < 0))
-                 if np.isfinite(d_B[:, p]).any() else math.nan for p in range(at.size)]
+      p_below = [float(np.mean(diff_boot[np.isfinite(diff_boot[:, p]), p] < 0))
+                 if np.isfinite(diff_boot[:, p]).any() else math.nan for p in range(at.size)]
     se = math.sqrt(sds[target]["sd"] ** 2 + sds[r]["sd"] ** 2)
     diff = loss[target] - loss[r]
     total = [(d - math.hypot(d - c[0], z * se), d + math.hypot(c[1] - d, z * se))
@@ -567,10 +568,10 @@ def fit_frontiers(frontiers: Frontiers, n_boot: int = 1000, seed: int = 0,
 
 # ------------------------------------------------------------------------------ multiplier
 
-def _monotone(M_RG: np.ndarray, grid: np.ndarray, rows: Sequence[int]
+def _monotone(matrix: np.ndarray, grid: np.ndarray, rows: Sequence[int]
               ) -> tuple[np.ndarray, np.ndarray]:
   """(log10 grid, non-increasing frontier) of the given runs on the grid, holes dropped."""
-  y, _ = _envelope(M_RG[list(rows)])
+  y, _ = _envelope(matrix[list(rows)])
   ok = np.isfinite(y)
   return np.log10(grid[ok]), np.minimum.accumulate(y[ok]) if ok.any() else y[ok]
 

@@ -8,7 +8,8 @@ Every map reports
 Each parameter also carries its fan-in as Variable metadata (`param.fan_in`) so the
 optimiser can build per-parameter learning rates from the state alone.
 
-Shapes in names: x_...I (input features), y_...O (output features).
+Every map takes x of shape (..., I), any leading axes, and returns (..., O); BTT returns
+one such output per head, (..., heads, O).
 """
 
 from __future__ import annotations
@@ -49,8 +50,8 @@ class Dense(nnx.Module):
     self.d_in, self.d_out, self.dtype = d_in, d_out, dtype
     self.kernel = _param(_normal(rngs, (d_in, d_out), d_in, zero_init), d_in, axes)
 
-  def __call__(self, x_NI: jax.Array) -> jax.Array:
-    return jnp.einsum("...i,io->...o", x_NI.astype(self.dtype), self.kernel[...].astype(self.dtype))
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return jnp.einsum("...i,io->...o", x.astype(self.dtype), self.kernel[...].astype(self.dtype))
 
   def num_params(self) -> int:
     return self.d_in * self.d_out
@@ -76,8 +77,8 @@ class LowRank(nnx.Module):
     self.u = _param(_normal(rngs, (d_in, rank), d_in, False), d_in)
     self.v = _param(_normal(rngs, (rank, d_out), rank, zero_init), rank)
 
-  def __call__(self, x_NI: jax.Array) -> jax.Array:
-    h = jnp.einsum("...i,ir->...r", x_NI.astype(self.dtype), self.u[...].astype(self.dtype))
+  def __call__(self, x: jax.Array) -> jax.Array:
+    h = jnp.einsum("...i,ir->...r", x.astype(self.dtype), self.u[...].astype(self.dtype))
     return jnp.einsum("...r,ro->...o", h, self.v[...].astype(self.dtype))
 
   def num_params(self) -> int:
@@ -106,11 +107,11 @@ class BlockDiagonal(nnx.Module):
     m, n = d_in // blocks, d_out // blocks
     self.kernel = _param(_normal(rngs, (blocks, m, n), m, zero_init), m)
 
-  def __call__(self, x_NI: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array) -> jax.Array:
     p = self.blocks
-    x_NPM = x_NI.reshape(*x_NI.shape[:-1], p, self.d_in // p).astype(self.dtype)
-    y_NPN = jnp.einsum("...pm,pmn->...pn", x_NPM, self.kernel[...].astype(self.dtype))
-    return y_NPN.reshape(*x_NI.shape[:-1], self.d_out)
+    x_blocks = x.reshape(*x.shape[:-1], p, self.d_in // p).astype(self.dtype)  # (..., P, I/P)
+    y_blocks = jnp.einsum("...pm,pmn->...pn", x_blocks, self.kernel[...].astype(self.dtype))
+    return y_blocks.reshape(*x.shape[:-1], self.d_out)
 
   def num_params(self) -> int:
     return self.d_in * self.d_out // self.blocks
@@ -159,17 +160,18 @@ class BTT(nnx.Module):
       w2 = rms_cap(w2, c * self.rank, a)
     return w1, w2
 
-  def __call__(self, x_NI: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array) -> jax.Array:
     a, b, c, d = self.factors
     s, h = self.rank, self.heads
-    lead = x_NI.shape[:-1]
+    lead = x.shape[:-1]
     w1, w2 = self.cores()
-    x_NCD = x_NI.reshape(*lead, c, d).astype(self.dtype)
-    y_NCK = jnp.einsum("...cd,cdk->...ck", x_NCD, w1.astype(self.dtype))
-    y_NHBCS = jnp.moveaxis(y_NCK.reshape(*lead, c, h, b, s), -4, -2)  # (..., h, b, c, s)
-    y_NGK = y_NHBCS.reshape(*lead, h * b, c * s)
-    z_NGA = jnp.einsum("...gk,gak->...ga", y_NGK, w2.astype(self.dtype))
-    return z_NGA.reshape(*lead, h, b * a)
+    # Shapes in the factors of the class docstring (h heads, s the rank).
+    x_groups = x.reshape(*lead, c, d).astype(self.dtype)  # (..., c, d)
+    y1 = jnp.einsum("...cd,cdk->...ck", x_groups, w1.astype(self.dtype))  # (..., c, h*b*s)
+    y1 = jnp.moveaxis(y1.reshape(*lead, c, h, b, s), -4, -2)  # (..., h, b, c, s)
+    y1 = y1.reshape(*lead, h * b, c * s)
+    y2 = jnp.einsum("...gk,gak->...ga", y1, w2.astype(self.dtype))  # (..., h*b, a)
+    return y2.reshape(*lead, h, b * a)
 
   def num_params(self) -> int:
     a, b, c, d = self.factors

@@ -1,6 +1,6 @@
-"""Language-model losses that never hold a float32 copy of the (B, T, V) logits.
+"""Language-model losses that never hold a float32 copy of the (B, T, O) logits.
 
-    nll_BT = token_cross_entropy(logits_BTV, targets_BT)     # float32, per token
+    nll_BT = token_cross_entropy(logits_BTO, targets_BT)     # float32, per token
     loss = lm_loss(params, graphdef, rest, batch)             # as structattn.lm.loss.loss_fn
 
 `token_cross_entropy` is a custom VJP: the forward takes the row maximum of the logits in
@@ -29,9 +29,9 @@ def _lse_and_target(logits, targets):
 
 
 @jax.custom_vjp
-def token_cross_entropy(logits_BTV, targets_BT):
+def token_cross_entropy(logits_BTO, targets_BT):
   """-log softmax(logits)[target] per token, float32, shape targets.shape."""
-  lse, target = _lse_and_target(logits_BTV, targets_BT)
+  lse, target = _lse_and_target(logits_BTO, targets_BT)
   return lse - target
 
 
@@ -52,9 +52,9 @@ def _bwd(res, g):
 token_cross_entropy.defvjp(_fwd, _bwd)
 
 
-def cross_entropy(logits_BTV, targets_BT):
+def cross_entropy(logits_BTO, targets_BT):
   """Per-sequence mean token cross-entropy in float32, shape (B,) (as structattn.lm.loss)."""
-  return token_cross_entropy(logits_BTV, targets_BT).mean(axis=-1)
+  return token_cross_entropy(logits_BTO, targets_BT).mean(axis=-1)
 
 
 def lm_loss(params, graphdef, rest, batch):

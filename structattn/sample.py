@@ -64,8 +64,8 @@ def generate(model, prompt_BT, max_new_tokens: int, *, temperature: float = 1.0,
     m = nnx.merge(graphdef, state)
     return m.decode(tokens, caches, start)
 
-  def pick(logits_BV, key):
-    logits = logits_BV.astype(jnp.float32)
+  def pick(logits_BO, key):
+    logits = logits_BO.astype(jnp.float32)
     if temperature <= 0:
       return jnp.argmax(logits, axis=-1)
     logits = logits / temperature

@@ -132,12 +132,12 @@ def test_train_batches_resume_and_epochs():
   c = fdata.TrainBatches(w, 16, seed=3)
   c.set_state(state)
   for k in range(5, 12):
-    np.testing.assert_array_equal(next(c)["x_BLC"], batches[k]["x_BLC"])
+    np.testing.assert_array_equal(next(c)["x_BXC"], batches[k]["x_BXC"])
   # Each epoch visits every window once.
-  starts = np.concatenate([bt["x_BLC"][:, 0, 0] for bt in batches]) / 3
+  starts = np.concatenate([bt["x_BXC"][:, 0, 0] for bt in batches]) / 3
   assert sorted(starts[:86].astype(int)) == list(range(86))
-  assert not np.array_equal(next(fdata.TrainBatches(w, 16, seed=4))["x_BLC"],
-                            batches[0]["x_BLC"])
+  assert not np.array_equal(next(fdata.TrainBatches(w, 16, seed=4))["x_BXC"],
+                            batches[0]["x_BXC"])
   with pytest.raises(ValueError, match="another run"):
     fdata.TrainBatches(w, 16, seed=5).set_state(state)
 
@@ -153,12 +153,12 @@ def test_device_batches_visit_every_window_once_and_match_windows():
   w = fdata.Windows(np.arange(1200, dtype=np.float32).reshape(400, 3), 16, 8)  # 377 windows
   fn = jax.jit(fdata.device_batch_fn(w, 29))  # 13 steps = one epoch
   batches = [jax.device_get(fn(7, k)) for k in range(13)]
-  starts = np.concatenate([b["x_BLC"][:, 0, 0] for b in batches]).astype(int) // 3
+  starts = np.concatenate([b["x_BXC"][:, 0, 0] for b in batches]).astype(int) // 3
   assert sorted(starts) == list(range(377))
   np.testing.assert_array_equal(starts, _device_order(7, 0, 377))
   for k, b in enumerate(batches):
     x, y = w.batch(starts[29 * k:29 * (k + 1)])
-    np.testing.assert_array_equal(b["x_BLC"], x)
+    np.testing.assert_array_equal(b["x_BXC"], x)
     np.testing.assert_array_equal(b["y_BFC"], y)
     assert b["seed_B2"].dtype == np.uint32
     np.testing.assert_array_equal(b["seed_B2"], np.stack(
@@ -173,9 +173,9 @@ def test_device_batches_visit_every_window_once_and_match_windows():
     b = jax.device_get(fn(jnp.asarray([1, 2], jnp.int32), k))
     idx = order[17 * k:17 * (k + 1)]
     x, y = w.batch(idx)
-    np.testing.assert_array_equal(b["x_BLC"][0], x)
+    np.testing.assert_array_equal(b["x_BXC"][0], x)
     np.testing.assert_array_equal(b["y_BFC"][0], y)
-    assert not np.array_equal(b["x_BLC"][1], x)
+    assert not np.array_equal(b["x_BXC"][1], x)
     seen += list(idx)
   assert sorted(seen) == list(range(221))
 
@@ -185,7 +185,7 @@ def test_device_batches_straddle_epochs(batch_size):
   w = fdata.Windows(np.arange(300, dtype=np.float32).reshape(100, 3), 10, 5)  # 86 windows
   fn = jax.jit(fdata.device_batch_fn(w, batch_size))
   steps = -(-3 * 86 // batch_size) + 1  # past three epochs, batches straddling boundaries
-  got = np.concatenate([np.asarray(fn(3, k)["x_BLC"][:, 0, 0]) for k in range(steps)])
+  got = np.concatenate([np.asarray(fn(3, k)["x_BXC"][:, 0, 0]) for k in range(steps)])
   got = got.astype(int) // 3
   want = np.concatenate([_device_order(3, e, 86) for e in range(len(got) // 86 + 1)])
   np.testing.assert_array_equal(got, want[:len(got)])
@@ -201,7 +201,7 @@ def test_device_batches_straddle_epochs(batch_size):
 def test_eval_batches_pad_and_mark():
   w = fdata.Windows(np.zeros((50, 2), np.float32), 10, 5)  # 36 windows
   bs = fdata.eval_batches(w, 16)
-  assert len(bs) == 3 and all(b["x_BLC"].shape == (16, 10, 2) for b in bs)
+  assert len(bs) == 3 and all(b["x_BXC"].shape == (16, 10, 2) for b in bs)
   assert sum(float(b["valid_B"].sum()) for b in bs) == 36
 
 
@@ -659,7 +659,7 @@ def test_loss_and_rest_returns_the_updated_batch_statistics():
   model, _ = _patchtst_model()
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   x = jax.random.normal(jax.random.key(0), (2, 512, 7))
-  batch = {"x_BLC": x, "y_BFC": jnp.zeros((2, 96, 7)),
+  batch = {"x_BXC": x, "y_BFC": jnp.zeros((2, 96, 7)),
            "seed_B2": jnp.zeros((2, 2), jnp.uint32)}
   loss, new_rest = jax.jit(ftask.make_loss_and_rest(0.3), static_argnums=1)(
       params, graphdef, rest, batch)
@@ -697,7 +697,7 @@ def test_device_batches_drop_last_epochs():
   fn = jax.jit(fdata.device_batch_fn(w, 16, drop_last=True))
   assert fdata.steps_per_epoch(86, 16, True) == 5 and fdata.steps_per_epoch(86, 16, False) == 6
   for epoch in range(3):
-    got = np.concatenate([np.asarray(fn(3, 5 * epoch + k)["x_BLC"][:, 0, 0])
+    got = np.concatenate([np.asarray(fn(3, 5 * epoch + k)["x_BXC"][:, 0, 0])
                           for k in range(5)]).astype(int) // 3
     np.testing.assert_array_equal(got, _device_order(3, epoch, 86)[:80])
   pos = np.asarray(fn(3, 6)["seed_B2"][:, 1])

@@ -22,7 +22,7 @@ def icr_train_step(params, opt_state, batch, *, graphdef, rest, tx):
 
 def test_sampler_statistics_and_padding():
   b = task.sample_batch(0, 3, 2048, 16, d_max=12, d_active=5)
-  x, y, w = (np.asarray(b[k]) for k in ("x_BND", "y_BN", "w_BD"))
+  x, y, w = (np.asarray(b[k]) for k in ("x_BNI", "y_BN", "w_BI"))
   assert x.shape == (2048, 16, 12) and y.shape == (2048, 16) and w.shape == (2048, 12)
   assert abs(np.mean(y ** 2) - 1.0) < 0.1
   assert np.all(x[..., 5:] == 0) and np.all(w[:, 5:] == 0)
@@ -36,11 +36,11 @@ def test_sampler_determinism_and_noise():
   b = task.sample_batch(7, 10, 8, 6, 4, 4)
   c = task.sample_batch(7, 11, 8, 6, 4, 4)
   d = task.sample_batch(8, 10, 8, 6, 4, 4)
-  np.testing.assert_array_equal(a["x_BND"], b["x_BND"])
+  np.testing.assert_array_equal(a["x_BNI"], b["x_BNI"])
   np.testing.assert_array_equal(a["y_BN"], b["y_BN"])
-  assert not np.allclose(a["x_BND"], c["x_BND"]) and not np.allclose(a["w_BD"], d["w_BD"])
+  assert not np.allclose(a["x_BNI"], c["x_BNI"]) and not np.allclose(a["w_BI"], d["w_BI"])
   n = task.sample_batch(7, 10, 8, 6, 4, 4, noise_std=0.5)
-  resid = np.asarray(n["y_BN"]) - np.einsum("bnd,bd->bn", n["x_BND"], n["w_BD"])
+  resid = np.asarray(n["y_BN"]) - np.einsum("bnd,bd->bn", n["x_BNI"], n["w_BI"])
   assert 0.2 < np.std(resid) < 0.8
 
 
@@ -51,11 +51,11 @@ def test_sampler_jits_with_traced_step_and_d():
 
 
 def test_pool_mode_repeats_prompts():
-  ws = np.concatenate([np.asarray(task.sample_batch(1, s, 16, 4, 4, 4, pool_size=3)["w_BD"])
+  ws = np.concatenate([np.asarray(task.sample_batch(1, s, 16, 4, 4, 4, pool_size=3)["w_BI"])
                        for s in range(5)])
   assert len(np.unique(ws.round(6), axis=0)) == 3
   a = task.sample_batch(1, 0, 16, 4, 4, 4, pool_size=3)
-  x, w = np.asarray(a["x_BND"]), np.asarray(a["w_BD"])
+  x, w = np.asarray(a["x_BNI"]), np.asarray(a["w_BI"])
   for i in range(16):  # same w => the same whole prompt
     j = np.flatnonzero(np.all(w == w[i], axis=1))
     np.testing.assert_array_equal(x[j], np.broadcast_to(x[i], x[j].shape))
@@ -80,11 +80,11 @@ def test_curriculum_schedule():
 
 def test_eval_set_is_held_out_and_fixed():
   e1, e2 = task.eval_set(0, 32, 8, 4), task.eval_set(0, 32, 8, 4)
-  np.testing.assert_array_equal(e1["x_BND"], e2["x_BND"])
+  np.testing.assert_array_equal(e1["x_BNI"], e2["x_BNI"])
   for step in range(3):
     tr = task.sample_batch(0, step, 32, 8, 4, 4)
-    assert not np.allclose(tr["w_BD"], e1["w_BD"])
-  assert task.eval_set(0, 4, 8, 4, d_max=10)["x_BND"].shape == (4, 8, 10)
+    assert not np.allclose(tr["w_BI"], e1["w_BI"])
+  assert task.eval_set(0, 4, 8, 4, d_max=10)["x_BNI"].shape == (4, 8, 10)
 
 
 def test_interleave():
@@ -100,7 +100,7 @@ def test_interleave():
 @pytest.fixture(scope="module")
 def prompts():
   b = task.eval_set(3, 256, 48, 4, d_max=6)
-  return np.asarray(b["x_BND"]), np.asarray(b["y_BN"])
+  return np.asarray(b["x_BNI"]), np.asarray(b["y_BN"])
 
 
 def test_baselines(prompts):
@@ -141,10 +141,10 @@ def test_model_shape_and_causality():
   nnx.update(model, jax.tree.map(lambda p: p + 0.3 * jax.random.normal(next(keys), p.shape,
                                                                        p.dtype), leaves))
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-  fwd = jax.jit(lambda x, y: predict(params, {"x_BND": x, "y_BN": y}, graphdef=graphdef,
+  fwd = jax.jit(lambda x, y: predict(params, {"x_BNI": x, "y_BN": y}, graphdef=graphdef,
                                      rest=rest))
   b = task.sample_batch(0, 0, 3, 8, 4, 4)
-  x, y = b["x_BND"], b["y_BN"]
+  x, y = b["x_BNI"], b["y_BN"]
   pred = np.asarray(fwd(x, y))
   assert pred.shape == (3, 8) and pred.dtype == np.float32
   for i in (0, 3, 7):
@@ -174,6 +174,6 @@ def test_tiny_model_beats_zero_predictor():
   ev = task.eval_set(123, 512, 8, 4)
   pred = predict(params, ev, graphdef=graphdef, rest=rest)
   err = baselines.squared_errors(pred, ev["y_BN"])
-  zero = baselines.squared_errors(baselines.zero(ev["x_BND"], ev["y_BN"]), ev["y_BN"])
+  zero = baselines.squared_errors(baselines.zero(ev["x_BNI"], ev["y_BN"]), ev["y_BN"])
   assert err.mean() < 0.85 * zero.mean()  # ~0.72 vs ~0.97 here
   assert err[-1] < 0.85 * zero[-1]

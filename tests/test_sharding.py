@@ -291,7 +291,7 @@ def test_two_processes_resume_exactly(corpus, tmp_path):
   import subprocess
   import sys
   from pathlib import Path
-  from structattn import lm_data
+  from structattn.lm import data as lm_data
   root = Path(__file__).resolve().parents[1]
   lm_data.build(lm_run_config(corpus, 1))  # prepare the dataset once, before the launch
 

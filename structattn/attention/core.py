@@ -100,36 +100,36 @@ def _scores_to_stats(s, mask, v):
   return o, m, l
 
 
-def _piece(q_NQD, k_NKD, v_NKV, mult: float, mask_fn=None, chunk: int = QUERY_CHUNK,
+def _piece(q_BTK, k_BSK, v_BSV, mult: float, mask_fn=None, chunk: int = QUERY_CHUNK,
            score_fn=None):
-  """Softmax statistics of queries q against keys k (batched over N), no normalisation.
+  """Softmax statistics of queries q against keys k (batched over B), no normalisation.
 
-  mask_fn: optional `f(qpos_Q1, kpos_1K) -> bool (Q, K)` over piece-local positions,
+  mask_fn: optional `f(qpos_T1, kpos_1S) -> bool (T, S)` over piece-local positions,
   evaluated from iotas inside the computation (no TxT constants).  Queries are processed
-  in rematerialised chunks when Q > chunk, so memory is O(N * chunk * K).  score_fn, if
+  in rematerialised chunks when T > chunk, so memory is O(B * chunk * S).  score_fn, if
   given, replaces `mult * q k^T` (used for the multi-level diagonal tiles).
   """
-  n, nq, _ = q_NQD.shape
-  nk = k_NKD.shape[1]
+  n, nq, _ = q_BTK.shape
+  nk = k_BSK.shape[1]
 
   def attend(q, start):
     qpos = start + jnp.arange(q.shape[1])[:, None]
     kpos = jnp.arange(nk)[None, :]
     if score_fn is not None:
-      s = score_fn(q, k_NKD, qpos, kpos)
+      s = score_fn(q, k_BSK, qpos, kpos)
     else:
-      s = jnp.einsum("nqd,nkd->nqk", q, k_NKD, preferred_element_type=_acc(q)) * mult
+      s = jnp.einsum("nqd,nkd->nqk", q, k_BSK, preferred_element_type=_acc(q)) * mult
     mask = None
     if mask_fn is not None:
       mask = mask_fn(qpos, kpos)
-    return _scores_to_stats(s, mask, v_NKV)
+    return _scores_to_stats(s, mask, v_BSV)
 
   if nq <= chunk or nq % chunk:
-    return attend(q_NQD, 0)
+    return attend(q_BTK, 0)
   nc = nq // chunk
-  q_CNQD = jnp.moveaxis(q_NQD.reshape(n, nc, chunk, -1), 1, 0)
+  q_chunks = jnp.moveaxis(q_BTK.reshape(n, nc, chunk, -1), 1, 0)  # (chunks, B, chunk, K)
   fn = jax.checkpoint(attend)
-  o, m, l = jax.lax.map(lambda a: fn(a[0], a[1]), (q_CNQD, jnp.arange(nc) * chunk))
+  o, m, l = jax.lax.map(lambda a: fn(a[0], a[1]), (q_chunks, jnp.arange(nc) * chunk))
   o = jnp.moveaxis(o, 0, 1).reshape(n, nq, -1)
   m = jnp.moveaxis(m, 0, 1).reshape(n, nq)
   l = jnp.moveaxis(l, 0, 1).reshape(n, nq)
@@ -213,18 +213,18 @@ def _blocked_stats(q_BHTK, k_BHTK, v_BHTV, pattern: Pattern, chunk: int, min_til
   return _merge(stats, (o.reshape(b, h, t, dv), m.reshape(b, h, t), lsum.reshape(b, h, t)))
 
 
-def _tile_scores(q_NQD, k_NKD, i, j, *, pattern: Pattern, sizes: tuple[int, ...], g: int):
+def _tile_scores(q_BTK, k_BSK, i, j, *, pattern: Pattern, sizes: tuple[int, ...], g: int):
   """Scores inside diagonal tiles of level g: S_ij = q_i[:d_λ] . k_j[:d_λ] / div(λ), λ the
   deepest level (>= g) whose block holds both i and j (tile-local positions suffice because
   the tile size is a multiple of every finer block size)."""
-  acc = _acc(q_NQD)
+  acc = _acc(q_BTK)
   prefix = (0,) + pattern.prefix
-  part = jnp.einsum("nqd,nkd->nqk", q_NQD[..., :prefix[g + 1]], k_NKD[..., :prefix[g + 1]],
+  part = jnp.einsum("nqd,nkd->nqk", q_BTK[..., :prefix[g + 1]], k_BSK[..., :prefix[g + 1]],
                     preferred_element_type=acc)
   s = part / pattern.level_divisor(g)
   for l in range(g + 1, len(sizes)):
     a, e = prefix[l], prefix[l + 1]
-    part = part + jnp.einsum("nqd,nkd->nqk", q_NQD[..., a:e], k_NKD[..., a:e],
+    part = part + jnp.einsum("nqd,nkd->nqk", q_BTK[..., a:e], k_BSK[..., a:e],
                              preferred_element_type=acc)
     same = (i // sizes[l]) == (j // sizes[l])
     s = jnp.where(same, part / pattern.level_divisor(l), s)

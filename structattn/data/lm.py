@@ -1,9 +1,9 @@
 """Language-modelling batches: tokenised splits, windows of T+1 tokens, grain pipelines.
 
 A split's documents are tokenised once, each followed by the tokeniser's separator
-('\\n' for char96/bytes, '<|endoftext|>' for gpt2), into one int32 array tokens_N, cached as
+('\\n' for char96/bytes, '<|endoftext|>' for gpt2), into one 1-D int32 array `tokens`, cached as
 `<tfds dataset dir>/tokens/<tokenizer>-<split>.npy` (+ .json stats) and memory-mapped after.
-Window w is tokens_N[w*T : w*T + T + 1] (non-overlapping starts at multiples of T); a batch is
+Window w is tokens[w*T : w*T + T + 1] (non-overlapping starts at multiples of T); a batch is
 {'inputs': window[:, :-1], 'targets': window[:, 1:]}, both int32 of shape (B, T).
 
 Train: this host's windows (every shard_count-th, from shard_index) -> shuffle(seed), a new
@@ -39,20 +39,20 @@ TOKEN_CACHE_VERSION = 1
 
 
 def tokenize_documents(texts, tokenizer: Tokenizer) -> tuple[np.ndarray, dict]:
-  """(tokens_N int32, stats): every text's ids followed by the separator, concatenated.
+  """(tokens, 1-D int32; stats): every text's ids followed by the separator, concatenated.
 
   stats: num_documents, num_tokens, num_chars, num_replaced (tokeniser's lossy replacements).
   """
-  separator_S = np.asarray(tokenizer.separator_ids, np.int32)
+  separator = np.asarray(tokenizer.separator_ids, np.int32)
   pieces, num_chars, num_replaced = [], 0, 0
   for text in texts:
-    pieces += [tokenizer.encode(text), separator_S]
+    pieces += [tokenizer.encode(text), separator]
     num_chars += len(text)
     num_replaced += tokenizer.count_replaced(text)
-  tokens_N = np.concatenate(pieces) if pieces else np.zeros(0, np.int32)
-  stats = {"num_documents": len(pieces) // 2, "num_tokens": int(tokens_N.size),
+  tokens = np.concatenate(pieces) if pieces else np.zeros(0, np.int32)
+  stats = {"num_documents": len(pieces) // 2, "num_tokens": int(tokens.size),
            "num_chars": num_chars, "num_replaced": num_replaced}
-  return tokens_N.astype(np.int32, copy=False), stats
+  return tokens.astype(np.int32, copy=False), stats
 
 
 def token_cache_paths(cache_dir: Path, tokenizer_name: str, split: str) -> tuple[Path, Path]:
@@ -68,10 +68,10 @@ def _write_atomic(path: Path, write) -> None:
   os.replace(tmp, path)
 
 
-def _save_cache(npy: Path, meta: Path, tokens_N: np.ndarray, stats: dict) -> None:
+def _save_cache(npy: Path, meta: Path, tokens: np.ndarray, stats: dict) -> None:
   try:
     npy.parent.mkdir(parents=True, exist_ok=True)
-    _write_atomic(npy, lambda f: np.save(f, tokens_N))
+    _write_atomic(npy, lambda f: np.save(f, tokens))
     _write_atomic(meta, lambda f: f.write(json.dumps(stats, indent=1).encode()))
   except OSError as e:
     log.warning("Could not cache tokens at %s (%s); they will be recomputed next time.", npy, e)
@@ -79,22 +79,22 @@ def _save_cache(npy: Path, meta: Path, tokens_N: np.ndarray, stats: dict) -> Non
 
 def documents_tokens(documents: Documents, tokenizer: Tokenizer,
                      split: str) -> tuple[np.ndarray, dict]:
-  """(tokens_N, stats) of a split, from its cache or tokenised now and cached."""
+  """(tokens, stats) of a split, from its cache or tokenised now and cached."""
   npy, meta = token_cache_paths(documents.cache_dir, tokenizer.name, split)
   if npy.exists() and meta.exists():
     return np.load(npy, mmap_mode="r"), json.loads(meta.read_text())
-  tokens_N, stats = tokenize_documents(documents.texts(), tokenizer)
+  tokens, stats = tokenize_documents(documents.texts(), tokenizer)
   stats = {**stats, "tokenizer": tokenizer.name, "vocab_size": tokenizer.vocab_size,
            "split": split}
   log.info("Tokenised %s: %s", split, stats)
-  _save_cache(npy, meta, tokens_N, stats)
-  return tokens_N, stats
+  _save_cache(npy, meta, tokens, stats)
+  return tokens, stats
 
 
 def split_tokens(corpus: str, split: str, tokenizer: Tokenizer, *,
                  val_fraction: float = DEFAULT_VAL_FRACTION, data_dir=None,
                  text_key: str = "text", corpus_dir=None) -> tuple[np.ndarray, dict]:
-  """(tokens_N int32, stats) of one split of a corpus (see `text.load_documents`)."""
+  """(tokens, 1-D int32; stats) of one split of a corpus (see `text.load_documents`)."""
   documents = load_documents(corpus, split, val_fraction=val_fraction, data_dir=data_dir,
                              text_key=text_key, corpus_dir=corpus_dir)
   return documents_tokens(documents, tokenizer, split)
@@ -106,43 +106,43 @@ def split_tokens(corpus: str, split: str, tokenizer: Tokenizer, *,
 
 
 class TokenWindows:
-  """Random-access windows of T+1 tokens: [w] = tokens_N[w*T : w*T + T + 1], int32 (T+1,)."""
+  """Random-access windows of T+1 tokens: [w] = tokens[w*T : w*T + T + 1], int32 (T+1,)."""
 
-  def __init__(self, tokens_N: np.ndarray, seq_len: int):
+  def __init__(self, tokens: np.ndarray, seq_len: int):
     if seq_len < 1:
       raise ValueError(f"seq_len={seq_len} must be >= 1.")
-    self.tokens_N, self.seq_len = tokens_N, seq_len
+    self.tokens, self.seq_len = tokens, seq_len
 
   def __len__(self) -> int:
-    return max(0, (len(self.tokens_N) - 1) // self.seq_len)
+    return max(0, (len(self.tokens) - 1) // self.seq_len)
 
   def __getitem__(self, index: int) -> np.ndarray:
     if not 0 <= index < len(self):
       raise IndexError(f"window {index} out of range [0, {len(self)})")
     start = index * self.seq_len
-    return np.array(self.tokens_N[start:start + self.seq_len + 1], np.int32)
+    return np.array(self.tokens[start:start + self.seq_len + 1], np.int32)
 
   def __repr__(self) -> str:
-    return f"TokenWindows(num_tokens={len(self.tokens_N)}, seq_len={self.seq_len})"
+    return f"TokenWindows(num_tokens={len(self.tokens)}, seq_len={self.seq_len})"
 
 
-def to_lm_batch(windows_BT1: np.ndarray) -> dict[str, np.ndarray]:
+def to_lm_batch(windows: np.ndarray) -> dict[str, np.ndarray]:
   """{'inputs': (B, T), 'targets': (B, T)} int32 from windows (B, T+1); targets = next token."""
-  return {"inputs": np.ascontiguousarray(windows_BT1[:, :-1]),
-          "targets": np.ascontiguousarray(windows_BT1[:, 1:])}
+  return {"inputs": np.ascontiguousarray(windows[:, :-1]),
+          "targets": np.ascontiguousarray(windows[:, 1:])}
 
 
-def _shard_windows(tokens_N: np.ndarray, seq_len: int, shard_index: int,
+def _shard_windows(tokens: np.ndarray, seq_len: int, shard_index: int,
                    shard_count: int) -> grain.MapDataset:
   if not 0 <= shard_index < shard_count:
     raise ValueError(f"shard_index={shard_index} must be in [0, shard_count={shard_count}).")
-  return grain.MapDataset.source(TokenWindows(tokens_N, seq_len))[shard_index::shard_count]
+  return grain.MapDataset.source(TokenWindows(tokens, seq_len))[shard_index::shard_count]
 
 
-def lm_train_dataset(tokens_N: np.ndarray, *, seq_len: int, batch_size: int, seed: int,
+def lm_train_dataset(tokens: np.ndarray, *, seq_len: int, batch_size: int, seed: int,
                      shard_index: int = 0, shard_count: int = 1) -> grain.MapDataset:
   """Endless shuffled LM batches (see module docstring); element: `to_lm_batch` dict."""
-  windows = _shard_windows(tokens_N, seq_len, shard_index, shard_count)
+  windows = _shard_windows(tokens, seq_len, shard_index, shard_count)
   if len(windows) < batch_size:
     raise ValueError(f"Only {len(windows)} train windows of seq_len+1={seq_len + 1} tokens "
                      f"on this shard, fewer than batch_size={batch_size}.")
@@ -150,11 +150,11 @@ def lm_train_dataset(tokens_N: np.ndarray, *, seq_len: int, batch_size: int, see
           .batch(batch_size, drop_remainder=True).map(to_lm_batch))
 
 
-def lm_eval_dataset(tokens_N: np.ndarray, *, seq_len: int, batch_size: int,
+def lm_eval_dataset(tokens: np.ndarray, *, seq_len: int, batch_size: int,
                     num_batches: int | None = None, shard_index: int = 0,
                     shard_count: int = 1) -> grain.MapDataset:
   """The first `num_batches` (None: all full) batches of this shard's windows, in order."""
-  windows = _shard_windows(tokens_N, seq_len, shard_index, shard_count)
+  windows = _shard_windows(tokens, seq_len, shard_index, shard_count)
   batches = windows.batch(batch_size, drop_remainder=True)
   if len(batches) == 0:
     raise ValueError(f"Only {len(windows)} validation windows of seq_len+1={seq_len + 1} "
@@ -162,9 +162,9 @@ def lm_eval_dataset(tokens_N: np.ndarray, *, seq_len: int, batch_size: int,
   return batches[:num_batches].map(to_lm_batch)
 
 
-def lm_eval_batches(tokens_N: np.ndarray, **kwargs) -> list[dict[str, np.ndarray]]:
-  """`lm_eval_dataset(tokens_N, **kwargs)` as a list of batches."""
-  dataset = lm_eval_dataset(tokens_N, **kwargs)
+def lm_eval_batches(tokens: np.ndarray, **kwargs) -> list[dict[str, np.ndarray]]:
+  """`lm_eval_dataset(tokens, **kwargs)` as a list of batches."""
+  dataset = lm_eval_dataset(tokens, **kwargs)
   return [dataset[i] for i in range(len(dataset))]
 
 
@@ -227,12 +227,12 @@ def lm_data(*, corpus: str = "shakespeare", tokenizer: str = "char96", seq_len: 
   corpus = corpus_spec(corpus, tfds_name)
   common = dict(val_fraction=val_fraction, data_dir=data_dir, text_key=text_key,
                 corpus_dir=corpus_dir)
-  train_N, train_stats = split_tokens(corpus, train_split, tok, **common)
-  eval_N, eval_stats = split_tokens(corpus, eval_split, tok, **common)
+  train_tokens, train_stats = split_tokens(corpus, train_split, tok, **common)
+  eval_tokens, eval_stats = split_tokens(corpus, eval_split, tok, **common)
   shard = dict(shard_index=shard_index, shard_count=shard_count)
-  train = lm_train_iterator(lm_train_dataset(train_N, seq_len=seq_len, batch_size=batch_size,
+  train = lm_train_iterator(lm_train_dataset(train_tokens, seq_len=seq_len, batch_size=batch_size,
                                              seed=seed, **shard))
-  eval_batches = lm_eval_batches(eval_N, seq_len=seq_len,
+  eval_batches = lm_eval_batches(eval_tokens, seq_len=seq_len,
                                  batch_size=eval_batch_size or batch_size,
                                  num_batches=num_eval_batches or None, **shard)
   stats = {"corpus": corpus, "tokenizer": tok.name, "vocab_size": tok.vocab_size,

@@ -4,7 +4,7 @@ Every tokeniser has
   * `name`: its registry name (also the key of the on-disk token caches),
   * `vocab_size`: number of ids; ids lie in [0, vocab_size),
   * `encode(text) -> np.ndarray[int32]` of shape (N,),
-  * `decode(ids_N) -> str`,
+  * `decode(ids) -> str`,
   * `count_replaced(text) -> int`: characters `encode` cannot represent and replaces (lossy),
   * `separator_ids`: the ids put between documents when a corpus is concatenated.
 
@@ -37,7 +37,7 @@ class Tokenizer(Protocol):
 
   def encode(self, text: str) -> np.ndarray: ...
 
-  def decode(self, ids_N) -> str: ...
+  def decode(self, ids) -> str: ...
 
   def count_replaced(self, text: str) -> int: ...
 
@@ -49,9 +49,9 @@ class Tokenizer(Protocol):
 # The 96 symbols in code-point order: '\n' (id 0), then ' ' .. '~' (ids 1 .. 95).
 CHAR96_SYMBOLS = "\n" + "".join(chr(c) for c in range(0x20, 0x7F))
 _CHAR96_SET = frozenset(CHAR96_SYMBOLS)
-_CHAR96_CODES_V = np.frombuffer(CHAR96_SYMBOLS.encode("ascii"), np.uint8)
+_CHAR96_CODES = np.frombuffer(CHAR96_SYMBOLS.encode("ascii"), np.uint8)
 _CHAR96_IDS_BY_BYTE = np.full(128, -1, np.int32)
-_CHAR96_IDS_BY_BYTE[_CHAR96_CODES_V] = np.arange(96, dtype=np.int32)
+_CHAR96_IDS_BY_BYTE[_CHAR96_CODES] = np.arange(96, dtype=np.int32)
 
 # Explicit replacements, applied before Unicode decomposition. '' means "drop".
 _CHAR96_TABLE = {
@@ -136,12 +136,12 @@ class Char96Tokenizer:
   separator_ids = (0,)  # '\n'
 
   def encode(self, text: str) -> np.ndarray:
-    """int32 ids, shape (N,), of the normalised text."""
-    bytes_N = np.frombuffer(normalize_char96(text).encode("ascii"), np.uint8)
-    return _CHAR96_IDS_BY_BYTE[bytes_N]
+    """1-D int32 ids of the normalised text."""
+    codes = np.frombuffer(normalize_char96(text).encode("ascii"), np.uint8)
+    return _CHAR96_IDS_BY_BYTE[codes]
 
-  def decode(self, ids_N) -> str:
-    return _CHAR96_CODES_V[np.asarray(ids_N, np.int64)].tobytes().decode("ascii")
+  def decode(self, ids) -> str:
+    return _CHAR96_CODES[np.asarray(ids, np.int64)].tobytes().decode("ascii")
 
   def count_replaced(self, text: str) -> int:
     return count_char96_replaced(text)
@@ -165,8 +165,8 @@ class BytesTokenizer:
   def encode(self, text: str) -> np.ndarray:
     return np.frombuffer(text.encode("utf-8"), np.uint8).astype(np.int32)
 
-  def decode(self, ids_N) -> str:
-    return np.asarray(ids_N, np.uint8).tobytes().decode("utf-8", errors="replace")
+  def decode(self, ids) -> str:
+    return np.asarray(ids, np.uint8).tobytes().decode("utf-8", errors="replace")
 
   def count_replaced(self, text: str) -> int:
     del text
@@ -241,8 +241,8 @@ class GPT2Tokenizer:
   def encode(self, text: str) -> np.ndarray:
     return np.asarray(self._encoding.encode_ordinary(text), np.int32)
 
-  def decode(self, ids_N) -> str:
-    return self._encoding.decode(np.asarray(ids_N, np.int64).tolist())
+  def decode(self, ids) -> str:
+    return self._encoding.decode(np.asarray(ids, np.int64).tolist())
 
   def count_replaced(self, text: str) -> int:
     del text

@@ -9,7 +9,8 @@
   table:     the results-table runner (seed groups, worker processes, a time limit)
 
 Imports flow splits <- tfds_data <- data <- task (data imports tfds_data lazily).
-Shape letters as in the package legend (`structattn`: B windows, F forecast steps, C
-channels, D, H, K, V, M), with three that mean something else inside this subpackage: L
-look-back steps, S series (B*C), N patches (or split rows in `data`); and P patch length.
+Shape letters are the package legend's (`structattn`): B windows, X look-back steps, F
+forecast steps, C channels, U univariate series (B*C), T patches (in `data` and `splits`:
+a split's rows, the time steps), I the values of one patch; D, H, K, V, M and L mean
+what they mean everywhere else.
 """

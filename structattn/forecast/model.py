@@ -3,20 +3,22 @@
     model = PatchForecaster(seq_len=512, horizon=96, d_model=16, num_layers=3, d_mlp=128,
                             attention={"variant": "mlr", "num_heads": 4, "causal": False,
                                        "mlr_ranks": (2, 1, 1)}, rngs=nnx.Rngs(0))
-    y_BFC = model(x_BLC)                                   # eval
-    y_BFC = model(x_BLC, key=k, dropout_rate=0.3)          # training, dropout on
+    y_BFC = model(x_BXC)                                   # eval
+    y_BFC = model(x_BXC, key=k, dropout_rate=0.3)          # training, dropout on
 
-Shape letters: B windows, L look-back steps, F forecast steps (the horizon), C channels,
-S series (B*C: one per channel of each window), N patches, P patch length, D model width,
-H heads, K query/key width per head, V value width per head, M hidden MLP width.
+Shape letters (the package legend): B windows, X look-back steps, F forecast steps (the
+horizon), C channels, U series (B*C: one per channel of each window), T patches, I the
+values of one patch (`patch_len`), D model width, H heads, K query/key width per head,
+V value width per head, L levels.
 
 Every channel of every window is its own series (channel independence): optional RevIN-style
 instance normalisation without affine parameters (mean and sqrt(var + 1e-5) over the
 look-back, undone on the forecast), the series padded at the end with `stride` copies of its
-last value and cut into N = (L - P)/S + 2 patches of length P with stride S (PatchTST's
-padding_patch='end'; L=512, P=16, S=8 gives 64), a patch embedding Linear(P -> D) with bias
-plus learned positions (uniform(-0.02, 0.02) init, PatchTST's pe='zeros', learn_pe=True),
-dropout, `num_layers` encoder layers and a flatten head Linear(N*D -> F) with bias.
+last value and cut into T = (seq_len - patch_len)/stride + 2 patches of `patch_len` values
+(PatchTST's padding_patch='end'; seq_len=512, patch_len=16, stride=8 gives 64), a patch
+embedding Linear(I -> D) with bias plus learned positions (uniform(-0.02, 0.02) init,
+PatchTST's pe='zeros', learn_pe=True), dropout, `num_layers` encoder layers and a flatten
+head Linear(T*D -> F) with bias.
 Attention is bidirectional: the `attention` config section must have causal=False
 (non-causal MLR scores pairs in the same block on either side of the diagonal; a sliding
 window is the symmetric band |i - j| <= w in patches). Float32.
@@ -29,12 +31,12 @@ Two encoders (`encoder`):
     PyTorch's default init (weights and biases uniform(+-1/sqrt(fan_in)), also for the
     patch embedding and head); the attention projection's output dropout and the residual
     dropout in series, dropout after the MLP's GELU (exact erf) and on its residual branch;
-    `norm` 'batch' (BatchNorm over D with statistics over the S*N patch rows, PyTorch's
-    BatchNorm1d(d_model) on (B*C, D, N): eps 1e-5, running statistics with momentum 0.1 in
+    `norm` 'batch' (BatchNorm over D with statistics over the U*T patch rows, PyTorch's
+    BatchNorm1d(d_model) on (B*C, D, T): eps 1e-5, running statistics with momentum 0.1 in
     eval mode) or 'layer'; post-norm x = norm(x + drop(attn x)), x = norm(x + drop(mlp x)),
     or pre-norm; and `residual_attention` (PatchTST's res_attention=True): each layer's
     pre-softmax scores, previous layers' included, are added to the next layer's. Scores are
-    built densely (N x N per head, N = 64) from the attention spec's pattern: the sum over
+    built densely (T x T per head, T = 64) from the attention spec's pattern: the sum over
     levels of the level-scaled products q^(l) . k^(l) on the pairs each level covers (MHA:
     one global level, scale K^-0.5 as PatchTST's lsa=False; SWA: the band; MLR: nested
     blocks), then softmax over the pairs the coarsest level covers.
@@ -148,10 +150,10 @@ def make_norm(kind: str, d: int, rngs: nnx.Rngs):
   raise ValueError(f"model.norm={kind!r} is invalid: allowed values are {NORMS}")
 
 
-def apply_norm(norm, x_SND, train: bool):
+def apply_norm(norm, x_UTD, train: bool):
   if isinstance(norm, nnx.BatchNorm):
-    return norm(x_SND, use_running_average=not train)
-  return norm(x_SND)
+    return norm(x_UTD, use_running_average=not train)
+  return norm(x_UTD)
 
 
 def check_dense_spec(spec: AttentionSpec) -> None:
@@ -184,60 +186,60 @@ class PatchTSTLayer(nnx.Module):
     scales = np.concatenate([np.full(w, sc) for w, sc in zip(spec.widths, spec.level_scales())])
     self.level_scales = tuple(float(x) for x in scales)
 
-  def scores(self, x_SND):
-    """Pre-softmax scores s_SHNN (zero on pairs no level covers) and the valid pairs."""
+  def scores(self, x_UTD):
+    """Pre-softmax scores s_UHTT (zero on pairs no level covers) and the valid pairs."""
     sp = self.spec
-    lead = x_SND.shape[:-1]
-    q_SNHK = self.wq(x_SND).reshape(*lead, sp.num_heads, sp.d_qk)
-    k_SNHK = self.wk(x_SND).reshape(*lead, sp.num_heads, sp.d_qk)
-    q_SNHK = q_SNHK * jnp.asarray(self.level_scales, jnp.float32)
-    n = x_SND.shape[-2]
-    masks_LNN = level_masks(self.pattern, n)
+    lead = x_UTD.shape[:-1]
+    q_UTHK = self.wq(x_UTD).reshape(*lead, sp.num_heads, sp.d_qk)
+    k_UTHK = self.wk(x_UTD).reshape(*lead, sp.num_heads, sp.d_qk)
+    q_UTHK = q_UTHK * jnp.asarray(self.level_scales, jnp.float32)
+    n = x_UTD.shape[-2]
+    masks_LTT = level_masks(self.pattern, n)
     edges = (0,) + self.pattern.prefix
-    s_SHNN = 0.0
+    s_UHTT = 0.0
     for l in range(len(sp.widths)):
-      part = jnp.einsum("snhk,smhk->shnm", q_SNHK[..., edges[l]:edges[l + 1]],
-                        k_SNHK[..., edges[l]:edges[l + 1]])
-      s_SHNN = s_SHNN + jnp.where(masks_LNN[l], part, 0.0)
+      part = jnp.einsum("snhk,smhk->shnm", q_UTHK[..., edges[l]:edges[l + 1]],
+                        k_UTHK[..., edges[l]:edges[l + 1]])
+      s_UHTT = s_UHTT + jnp.where(masks_LTT[l], part, 0.0)
     if self.pattern.divide != "none":
-      covered = masks_LNN.sum(0).astype(jnp.float32)
+      covered = masks_LTT.sum(0).astype(jnp.float32)
       div = covered if self.pattern.divide == "block" else float(len(sp.widths))
-      s_SHNN = s_SHNN / jnp.maximum(div, 1.0)
-    return s_SHNN, masks_LNN[0]
+      s_UHTT = s_UHTT / jnp.maximum(div, 1.0)
+    return s_UHTT, masks_LTT[0]
 
-  def attention(self, x_SND, prev_SHNN=None):
-    """(y_SND before the output projection's dropout, scores to hand to the next layer)."""
+  def attention(self, x_UTD, prev_UHTT=None):
+    """(y_UTD before the output projection's dropout, scores to hand to the next layer)."""
     sp = self.spec
-    s_SHNN, valid_NN = self.scores(x_SND)
-    if prev_SHNN is not None:
-      s_SHNN = s_SHNN + prev_SHNN
-    p_SHNN = jax.nn.softmax(jnp.where(valid_NN, s_SHNN, NEG), axis=-1)
-    v_SNHV = self.wv(x_SND).reshape(*x_SND.shape[:-1], sp.num_heads, sp.d_head)
-    o_SNHV = jnp.einsum("shnm,smhv->snhv", p_SHNN, v_SNHV)
-    return self.wo(o_SNHV.reshape(*x_SND.shape[:-1], -1)), s_SHNN
+    s_UHTT, valid_TT = self.scores(x_UTD)
+    if prev_UHTT is not None:
+      s_UHTT = s_UHTT + prev_UHTT
+    p_UHTT = jax.nn.softmax(jnp.where(valid_TT, s_UHTT, NEG), axis=-1)
+    v_UTHV = self.wv(x_UTD).reshape(*x_UTD.shape[:-1], sp.num_heads, sp.d_head)
+    o_UTHV = jnp.einsum("shnm,smhv->snhv", p_UHTT, v_UTHV)
+    return self.wo(o_UTHV.reshape(*x_UTD.shape[:-1], -1)), s_UHTT
 
-  def __call__(self, x_SND, prev_SHNN=None, key=None, rate: float = 0.0, train: bool = False):
-    """(x_SND, this layer's scores) for PatchTST's order of dropouts and norms."""
+  def __call__(self, x_UTD, prev_UHTT=None, key=None, rate: float = 0.0, train: bool = False):
+    """(x_UTD, this layer's scores) for PatchTST's order of dropouts and norms."""
     k_proj, k_attn, k_hidden, k_ffn = _split(key, 4)
-    src = apply_norm(self.norm_attn, x_SND, train) if self.pre_norm else x_SND
-    y, s_SHNN = self.attention(src, prev_SHNN)
+    src = apply_norm(self.norm_attn, x_UTD, train) if self.pre_norm else x_UTD
+    y, s_UHTT = self.attention(src, prev_UHTT)
     y = dropout(dropout(y, rate, k_proj), rate, k_attn)  # to_out's Dropout, then dropout_attn
-    x_SND = src + y
+    x_UTD = src + y
     if not self.pre_norm:
-      x_SND = apply_norm(self.norm_attn, x_SND, train)
-    src = apply_norm(self.norm_ffn, x_SND, train) if self.pre_norm else x_SND
+      x_UTD = apply_norm(self.norm_attn, x_UTD, train)
+    src = apply_norm(self.norm_ffn, x_UTD, train) if self.pre_norm else x_UTD
     hid = dropout(jax.nn.gelu(self.ff1(src), approximate=False), rate, k_hidden)
-    x_SND = src + dropout(self.ff2(hid), rate, k_ffn)
+    x_UTD = src + dropout(self.ff2(hid), rate, k_ffn)
     if not self.pre_norm:
-      x_SND = apply_norm(self.norm_ffn, x_SND, train)
-    return x_SND, s_SHNN
+      x_UTD = apply_norm(self.norm_ffn, x_UTD, train)
+    return x_UTD, s_UHTT
 
 
 # ----------------------------------------------------------------------------- the model
 
 
 class PatchForecaster(nnx.Module):
-  """x_BLC (look-back) -> y_BFC (forecast); see the module docstring."""
+  """x_BXC (look-back) -> y_BFC (forecast); see the module docstring."""
 
   def __init__(self, seq_len: int, horizon: int, d_model: int, num_layers: int, d_mlp: int,
                attention: Mapping[str, Any], *, rngs: nnx.Rngs, patch_len: int = 16,
@@ -281,53 +283,53 @@ class PatchForecaster(nnx.Module):
   def has_batch_norm(self) -> bool:
     return self.encoder == "patchtst" and self.norm == "batch"
 
-  def patches(self, x_SL):
-    """(S, N, P) patches of series (S, L), padded at the end with the last value."""
-    x_SL = jnp.concatenate([x_SL, jnp.repeat(x_SL[:, -1:], self.stride, axis=1)], axis=1)
-    idx_NP = jnp.arange(self.n)[:, None] * self.stride + jnp.arange(self.patch_len)[None]
-    return x_SL[:, idx_NP]
+  def patches(self, x_UX):
+    """(U, T, I) patches of series (U, X), padded at the end with the last value."""
+    x_UX = jnp.concatenate([x_UX, jnp.repeat(x_UX[:, -1:], self.stride, axis=1)], axis=1)
+    idx_TI = jnp.arange(self.n)[:, None] * self.stride + jnp.arange(self.patch_len)[None]
+    return x_UX[:, idx_TI]
 
-  def __call__(self, x_BLC, key=None, dropout_rate: float = 0.0, train: bool | None = None):
+  def __call__(self, x_BXC, key=None, dropout_rate: float = 0.0, train: bool | None = None):
     """Forecast y_BFC. Dropout when `key` is given; `train` (default: key is not None)
     selects BatchNorm's batch statistics (and their running update) over the running ones."""
-    b, l, c = x_BLC.shape
+    b, l, c = x_BXC.shape
     if l != self.seq_len:
       raise ValueError(f"look-back of {l} steps, the model was built for data.seq_len="
                        f"{self.seq_len}")
     train = key is not None if train is None else bool(train)
-    x_SL = jnp.swapaxes(x_BLC.astype(jnp.float32), 1, 2).reshape(b * c, l)
+    x_UX = jnp.swapaxes(x_BXC.astype(jnp.float32), 1, 2).reshape(b * c, l)
     if self.revin:
-      mu_S1 = x_SL.mean(axis=1, keepdims=True)
-      sd_S1 = jnp.sqrt(x_SL.var(axis=1, keepdims=True) + REVIN_EPS)
-      x_SL = (x_SL - mu_S1) / sd_S1
+      mu_U1 = x_UX.mean(axis=1, keepdims=True)
+      sd_U1 = jnp.sqrt(x_UX.var(axis=1, keepdims=True) + REVIN_EPS)
+      x_UX = (x_UX - mu_U1) / sd_U1
     keys = _split(key, len(self.blocks) + 1)
-    h_SND = self.embed(self.patches(x_SL))
+    h_UTD = self.embed(self.patches(x_UX))
     if self.embed_bias is not None:
-      h_SND = h_SND + self.embed_bias[...]
-    h_SND = dropout(h_SND + self.pos[...][None], dropout_rate, keys[0])
+      h_UTD = h_UTD + self.embed_bias[...]
+    h_UTD = dropout(h_UTD + self.pos[...][None], dropout_rate, keys[0])
     if self.encoder == "gpt":
       for block, k in zip(self.blocks, keys[1:]):
-        h_SND = block(h_SND, k, dropout_rate)
-      y_SF = self.head(h_SND.reshape(b * c, -1)) + self.head_bias[...]
+        h_UTD = block(h_UTD, k, dropout_rate)
+      y_UF = self.head(h_UTD.reshape(b * c, -1)) + self.head_bias[...]
     else:
       prev = None
       for block, k in zip(self.blocks, keys[1:]):
-        h_SND, s_SHNN = block(h_SND, prev, k, dropout_rate, train)
-        prev = s_SHNN if self.residual_attention else None
-      # PatchTST's Flatten_Head flattens (D, N), D-major
-      y_SF = self.head(jnp.swapaxes(h_SND, 1, 2).reshape(b * c, -1))
+        h_UTD, s_UHTT = block(h_UTD, prev, k, dropout_rate, train)
+        prev = s_UHTT if self.residual_attention else None
+      # PatchTST's Flatten_Head flattens (D, T), D-major
+      y_UF = self.head(jnp.swapaxes(h_UTD, 1, 2).reshape(b * c, -1))
     if self.revin:
-      y_SF = y_SF * sd_S1 + mu_S1
-    return jnp.swapaxes(y_SF.reshape(b, c, self.horizon), 1, 2)
+      y_UF = y_UF * sd_U1 + mu_U1
+    return jnp.swapaxes(y_UF.reshape(b, c, self.horizon), 1, 2)
 
   def batch_norms(self) -> list[nnx.BatchNorm]:
     if not self.has_batch_norm:
       return []
     return [n for blk in self.blocks for n in (blk.norm_attn, blk.norm_ffn)]
 
-  def set_batch_stats(self, x_BLC, key=None, dropout_rate: float = 0.0) -> None:
+  def set_batch_stats(self, x_BXC, key=None, dropout_rate: float = 0.0) -> None:
     """Running BatchNorm statistics := the batch statistics of one train-mode pass over
-    x_BLC (dropout with `key`, as the passes that accumulate PyTorch's running statistics);
+    x_BXC (dropout with `key`, as the passes that accumulate PyTorch's running statistics);
     the parameters are untouched. No-op without BatchNorm."""
     norms = self.batch_norms()
     if not norms:
@@ -336,7 +338,7 @@ class PatchForecaster(nnx.Module):
     for n in norms:
       n.momentum = 0.0
     try:
-      self(x_BLC, key, dropout_rate, train=True)
+      self(x_BXC, key, dropout_rate, train=True)
     finally:
       for n, m in zip(norms, saved):
         n.momentum = m

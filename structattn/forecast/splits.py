@@ -119,7 +119,7 @@ def check_columns(path: Path, date: str, columns=()) -> tuple[str, ...]:
 
 
 def read_csv(path: Path, date: str, columns=()) -> tuple[tuple[str, ...], np.ndarray]:
-  """(channel names, values_NC float64) of a CSV: `columns`, or all but the date column."""
+  """(channel names, values_TC float64) of a CSV: `columns`, or all but the date column."""
   with open(path, newline="") as f:
     reader = csv.reader(f)
     header = [h.strip() for h in next(reader)]
@@ -127,16 +127,16 @@ def read_csv(path: Path, date: str, columns=()) -> tuple[tuple[str, ...], np.nda
   available = tuple(h for h in header if h != date)
   columns = check_columns(path, date, columns)
   index = [header.index(c) for c in columns]
-  values_NC = np.empty((len(rows), len(columns)), np.float64)
+  values_TC = np.empty((len(rows), len(columns)), np.float64)
   for n, row in enumerate(rows):
     for c, i in enumerate(index):
       try:
-        values_NC[n, c] = float(row[i])
+        values_TC[n, c] = float(row[i])
       except (ValueError, IndexError):
         raise ValueError(f"{path.name} row {n + 2} column {columns[c]!r}: "
                          f"{row[i] if i < len(row) else '<missing>'!r} is not a number; choose "
                          f"numeric channels with data.columns (allowed: {available})") from None
-  return columns, values_NC
+  return columns, values_TC
 
 
 def file_sha256(path: Path) -> str:
@@ -198,13 +198,13 @@ class Splits:
     return {"train": self.train, "val": self.val, "test": self.test}[split]
 
 
-def standardise(values_NC: np.ndarray, borders: dict):
+def standardise(values_TC: np.ndarray, borders: dict):
   """({split: float32 (rows, C)}, mean_C, std_C) with train-split statistics only."""
   start, end = borders["train"]
-  mean = values_NC[start:end].mean(axis=0)
-  std = values_NC[start:end].std(axis=0)
+  mean = values_TC[start:end].mean(axis=0)
+  std = values_TC[start:end].std(axis=0)
   std = np.where(std > 0, std, 1.0)
-  normed = (values_NC - mean) / std
+  normed = (values_TC - mean) / std
   out = {k: np.ascontiguousarray(normed[s:e], np.float32) for k, (s, e) in borders.items()}
   return out, mean, std
 
@@ -213,9 +213,9 @@ def splits_from_csv(name: str, csv_dir=None, seq_len: int = 512, columns=()) -> 
   """The splits computed directly from the CSV (data.source='csv')."""
   info = dataset_info(name)
   path = csv_path(name, csv_dir)
-  names, values_NC = read_csv(path, info.date, tuple(columns) or info.columns)
-  borders = split_borders(info.split, len(values_NC), seq_len, name)
-  parts, mean, std = standardise(values_NC, borders)
+  names, values_TC = read_csv(path, info.date, tuple(columns) or info.columns)
+  borders = split_borders(info.split, len(values_TC), seq_len, name)
+  parts, mean, std = standardise(values_TC, borders)
   return Splits(parts["train"], parts["val"], parts["test"], mean, std, names, borders, "csv",
                 file_sha256(path))
 

@@ -59,7 +59,7 @@ def make_loss_and_rest(dropout_rate: float):
     # even when `rest` is a constant of an outer trace (the loop closes over it)
     model = nnx.merge(graphdef, params, rest, copy=True)
     key = _key(batch) if dropout_rate > 0 else None
-    pred_BFC = model(batch["x_BLC"], key, dropout_rate, train=True)
+    pred_BFC = model(batch["x_BXC"], key, dropout_rate, train=True)
     loss = jnp.mean(jnp.square(pred_BFC - batch["y_BFC"].astype(jnp.float32)))
     return loss, nnx.state(model, nnx.Not(nnx.Param))
   return loss_and_rest
@@ -74,14 +74,14 @@ def make_loss(dropout_rate: float):
 
 
 def make_eval_metrics(reference_x=None, dropout_rate: float = 0.0, seed: int = 0):
-  """Per-window squared and absolute errors; with `reference_x` (R train windows, x_RLC)
+  """Per-window squared and absolute errors; with `reference_x` (train windows, x_BXC)
   BatchNorm layers first take the statistics of a train-mode pass over them."""
   def metrics(params, graphdef, rest, batch):
     model = nnx.merge(graphdef, params, rest, copy=True)  # see make_loss_and_rest
     if reference_x is not None:
       key = jax.random.fold_in(jax.random.key(seed), 0x5EED) if dropout_rate > 0 else None
       model.set_batch_stats(jnp.asarray(reference_x), key, dropout_rate)
-    err_BFC = model(batch["x_BLC"], train=False) - batch["y_BFC"].astype(jnp.float32)
+    err_BFC = model(batch["x_BXC"], train=False) - batch["y_BFC"].astype(jnp.float32)
     return {"se": jnp.mean(jnp.square(err_BFC), axis=(1, 2)),
             "ae": jnp.mean(jnp.abs(err_BFC), axis=(1, 2)), "valid": batch["valid_B"]}
   return metrics
@@ -91,7 +91,7 @@ eval_metrics = make_eval_metrics()
 
 
 def reference_windows(windows: fdata.Windows, count: int, seed: int) -> np.ndarray:
-  """x_RLC of `count` train windows drawn without replacement with `seed` (all if fewer)."""
+  """x_BXC of `count` train windows drawn without replacement with `seed` (all if fewer)."""
   rng = np.random.default_rng([int(seed), 0xB47C])
   idx = np.sort(rng.permutation(len(windows))[:min(int(count), len(windows))])
   return windows.batch(idx)[0]

@@ -69,9 +69,9 @@ with tfds.core.registered.skip_registration():
       return {name: self._generate_examples(splits, name) for name in fdata.SPLITS}
 
     def _generate_examples(self, splits, name):
-      values_NC = splits[name]
+      values_TC = splits[name]
       for i, channel in enumerate(splits.columns):
-        yield i, {"channel": channel, "values": values_NC[:, i], "mean": repr(float(splits.mean[i])),
+        yield i, {"channel": channel, "values": values_TC[:, i], "mean": repr(float(splits.mean[i])),
                   "std": repr(float(splits.std[i]))}
 
 

@@ -1,7 +1,7 @@
 """In-context linear regression (Garg et al. 2022, modified): task, baselines, model.
 
     batch = task.sample_batch(seed, step, 64, n_points, d_max, d_active)
-    pred_BN = model.ICRModel(d_max, n_max, d_model, num_layers, attn, rngs=...)(x_BND, y_BN)
+    pred_BN = model.ICRModel(d_max, n_max, d_model, num_layers, attn, rngs=...)(x_BNI, y_BN)
 """
 
 from structattn.icr.baselines import (averaging, knn, least_squares, ridge, squared_errors,

@@ -2,7 +2,7 @@
 
     model = ICRModel(d_max=20, n_max=40, d_model=256, num_layers=6,
                      attention={"variant": "mha", "num_heads": 8}, rngs=nnx.Rngs(0))
-    pred_BN = model(x_BND, y_BN)   # pred_i read at token 2i (x_i), which sees only (x_j, y_j) j < i
+    pred_BN = model(x_BNI, y_BN)   # pred_i read at token 2i (x_i), which sees only (x_j, y_j) j < i
 
 The prompt is `task.interleave(x, y)` (2N tokens); attention is causal, so the x_i token
 cannot see y_i.  Any scoring function: `attention` is an `attention` config section (see
@@ -55,13 +55,13 @@ class ICRModel(nnx.Module):
     self.ln_f = LayerNorm(d_model)
     self.read_out = Dense(d_model, 1, rngs=rngs, zero_init=True)
 
-  def __call__(self, x_BND: jax.Array, y_BN: jax.Array) -> jax.Array:
+  def __call__(self, x_BNI: jax.Array, y_BN: jax.Array) -> jax.Array:
     """Predictions pred_BN, pred_i from the x_i token (sees x_1..x_i, y_1..y_{i-1})."""
-    b, n, d = x_BND.shape
+    b, n, d = x_BNI.shape
     if n > self.n_max or d != self.d_max:
       raise ValueError(f"prompt (N={n}, d={d}) does not fit the model (n_max={self.n_max}, "
                        f"d_max={self.d_max})")
-    tokens_BTI = interleave(x_BND.astype(self.dtype), y_BN.astype(self.dtype))
+    tokens_BTI = interleave(x_BNI.astype(self.dtype), y_BN.astype(self.dtype))
     h_BTD = self.read_in(tokens_BTI) + self.pos[...][:2 * n][None]
     for block in self.blocks:
       h_BTD = block(h_BTD)
@@ -80,11 +80,11 @@ def icr_loss(pred_BN: jax.Array, y_BN: jax.Array, mask_BN: jax.Array | None = No
 
 
 def loss_fn(params, graphdef, rest, batch) -> jax.Array:
-  """ICR loss of the merged model on a batch {x_BND, y_BN}."""
+  """ICR loss of the merged model on a batch {x_BNI, y_BN}."""
   model = nnx.merge(graphdef, params, rest)
-  return icr_loss(model(batch["x_BND"], batch["y_BN"]), batch["y_BN"])
+  return icr_loss(model(batch["x_BNI"], batch["y_BN"]), batch["y_BN"])
 
 
 def predict(params, batch, *, graphdef, rest) -> jax.Array:
-  """pred_BN of the merged model on a batch {x_BND, y_BN}."""
-  return nnx.merge(graphdef, params, rest)(batch["x_BND"], batch["y_BN"])
+  """pred_BN of the merged model on a batch {x_BNI, y_BN}."""
+  return nnx.merge(graphdef, params, rest)(batch["x_BNI"], batch["y_BN"])

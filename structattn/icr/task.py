@@ -24,25 +24,25 @@ def _stream(seed: int, tag: int) -> jax.Array:
 
 
 def sample_prompt(key, n_points: int, d_max: int, d_active, noise_std: float = 0.0):
-  """One prompt (x_ND, y_N, w_D) from one key; d_active may be traced (a mask, not a shape)."""
+  """One prompt (x_NI, y_N, w_I) from one key; d_active may be traced (a mask, not a shape)."""
   kx, kw, kn = jax.random.split(key, 3)
-  mask_D = (jnp.arange(d_max) < d_active).astype(jnp.float32)
-  w_D = jax.random.normal(kw, (d_max,), jnp.float32) * mask_D
-  x_ND = jax.random.normal(kx, (n_points, d_max), jnp.float32) * mask_D
-  x_ND = x_ND / jnp.sqrt(jnp.asarray(d_active, jnp.float32))
-  y_N = x_ND @ w_D + noise_std * jax.random.normal(kn, (n_points,), jnp.float32)
-  return x_ND, y_N, w_D
+  mask_I = (jnp.arange(d_max) < d_active).astype(jnp.float32)
+  w_I = jax.random.normal(kw, (d_max,), jnp.float32) * mask_I
+  x_NI = jax.random.normal(kx, (n_points, d_max), jnp.float32) * mask_I
+  x_NI = x_NI / jnp.sqrt(jnp.asarray(d_active, jnp.float32))
+  y_N = x_NI @ w_I + noise_std * jax.random.normal(kn, (n_points,), jnp.float32)
+  return x_NI, y_N, w_I
 
 
 def _prompts(keys_B, n_points, d_max, d_active, noise_std):
-  x_BND, y_BN, w_BD = jax.vmap(
+  x_BNI, y_BN, w_BI = jax.vmap(
       lambda k: sample_prompt(k, n_points, d_max, d_active, noise_std))(keys_B)
-  return {"x_BND": x_BND, "y_BN": y_BN, "w_BD": w_BD}
+  return {"x_BNI": x_BNI, "y_BN": y_BN, "w_BI": w_BI}
 
 
 def sample_batch(seed: int, step, batch: int, n_points: int, d_max: int, d_active,
                  noise_std: float = 0.0, pool_size: int | None = None) -> dict:
-  """A training batch {x_BND, y_BN, w_BD}, a pure function of (seed, step).
+  """A training batch {x_BNI, y_BN, w_BI}, a pure function of (seed, step).
 
   With `pool_size`, each prompt is one of a finite seeded pool: its index is drawn uniformly
   from [0, pool_size) with the step's key, and the prompt is generated from
@@ -106,8 +106,8 @@ def curriculum_traced(step, total_steps: int, d_start: int = 4, d_end: int = 4,
   return jnp.minimum(d_end, d_start + inc_d * k), jnp.minimum(n_end, n_start + inc_n * k)
 
 
-def interleave(x_BND: jax.Array, y_BN: jax.Array) -> jax.Array:
-  """Tokens (x_1, [y_1, 0..0], x_2, [y_2, 0..0], ...) of shape (B, 2N, D)."""
-  b, n, d = x_BND.shape
-  y_BND = jnp.zeros_like(x_BND).at[..., 0].set(y_BN.astype(x_BND.dtype))
-  return jnp.stack([x_BND, y_BND], axis=2).reshape(b, 2 * n, d)
+def interleave(x_BNI: jax.Array, y_BN: jax.Array) -> jax.Array:
+  """Tokens (x_1, [y_1, 0..0], x_2, [y_2, 0..0], ...) of shape (B, 2N, I)."""
+  b, n, d = x_BNI.shape
+  y_BNI = jnp.zeros_like(x_BNI).at[..., 0].set(y_BN.astype(x_BNI.dtype))
+  return jnp.stack([x_BNI, y_BNI], axis=2).reshape(b, 2 * n, d)

@@ -68,35 +68,35 @@ def batch_fn(seed, step, *, f: dict, batch_size: int, total_steps: int):
   b = task_lib.sample_batch(seed, step, batch_size, f["n_points"], f["d_input"], d_active,
                             f["noise_std"], f["pool_size"])
   mask_BN = jnp.broadcast_to(jnp.arange(f["n_points"]) < n_active, b["y_BN"].shape)
-  return {"x_BND": b["x_BND"], "y_BN": b["y_BN"], "mask_BN": mask_BN.astype(jnp.float32)}
+  return {"x_BNI": b["x_BNI"], "y_BN": b["y_BN"], "mask_BN": mask_BN.astype(jnp.float32)}
 
 
 def loss(params, graphdef, rest, batch) -> jax.Array:
   """Mean squared error over the active (curriculum) points of every prompt."""
-  pred_BN = nnx.merge(graphdef, params, rest)(batch["x_BND"], batch["y_BN"])
+  pred_BN = nnx.merge(graphdef, params, rest)(batch["x_BNI"], batch["y_BN"])
   return icr_loss(pred_BN, batch["y_BN"], batch["mask_BN"])
 
 
 def eval_metrics(params, graphdef, rest, batch) -> dict:
-  pred_BN = nnx.merge(graphdef, params, rest)(batch["x_BND"], batch["y_BN"])
+  pred_BN = nnx.merge(graphdef, params, rest)(batch["x_BNI"], batch["y_BN"])
   return {"se": jnp.square(pred_BN.astype(jnp.float32) - batch["y_BN"])}
 
 
 def summarize(arrays: dict, prefix: str = "eval") -> dict:
   """Squared error at the last point (mean and SEM over prompts), overall and per position."""
-  se_PN = np.asarray(arrays["se"], np.float64)
-  last, last_sem = mean_and_sem(se_PN[:, -1])
+  se_BN = np.asarray(arrays["se"], np.float64)
+  last, last_sem = mean_and_sem(se_BN[:, -1])
   return {f"{prefix}/last_point_se": last, f"{prefix}/last_point_se_sem": last_sem,
-          f"{prefix}/mse": float(se_PN.mean()),
-          f"{prefix}/se_by_position": [round(float(v), 6) for v in se_PN.mean(axis=0)],
-          f"{prefix}/prompts": int(se_PN.shape[0])}
+          f"{prefix}/mse": float(se_BN.mean()),
+          f"{prefix}/se_by_position": [round(float(v), 6) for v in se_BN.mean(axis=0)],
+          f"{prefix}/prompts": int(se_BN.shape[0])}
 
 
 @functools.lru_cache(maxsize=16)
 def baseline_errors(eval_seed: int, num: int, n_points: int, d: int, noise_std: float) -> dict:
   """Each baseline's last-point and per-position squared error on the held-out prompts."""
   es = task_lib.eval_set(eval_seed, num, n_points, d, noise_std=noise_std)
-  x, y = np.asarray(es["x_BND"]), np.asarray(es["y_BN"])
+  x, y = np.asarray(es["x_BNI"]), np.asarray(es["y_BN"])
   out = {}
   for name, fn in (("least_squares", baselines_lib.least_squares),
                    ("ridge", baselines_lib.ridge), ("knn", baselines_lib.knn),
@@ -124,7 +124,7 @@ def build(config: ml_collections.ConfigDict) -> TaskSetup:
   num = int(ec.get("batches", 1)) * eb  # held-out prompts
   es = task_lib.eval_set(int(ec.get("seed", 1234)), num, f["n_points"], f["d_input"],
                          noise_std=f["noise_std"])
-  eval_batches = [{k: es[k][i:i + eb] for k in ("x_BND", "y_BN")} for i in range(0, num, eb)]
+  eval_batches = [{k: es[k][i:i + eb] for k in ("x_BNI", "y_BN")} for i in range(0, num, eb)]
   specs = tuple(b.attn.spec for b in model.blocks)
   d_model = int(config.model.d_model)
   d_mlp = int(config.model.get("mlp_ratio", 4)) * d_model

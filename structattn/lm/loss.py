@@ -7,12 +7,12 @@ import jax.numpy as jnp
 from flax import nnx
 
 
-def cross_entropy(logits_BTV, targets_BT):
+def cross_entropy(logits_BTO, targets_BT):
   """Per-sequence mean token cross-entropy in float32, shape (B,).
 
   logsumexp minus the target logit: XLA fuses the float32 upcast into the reductions, so no
-  float32 copy of the (B, T, V) logits is materialised."""
-  logits = logits_BTV.astype(jnp.float32)
+  float32 copy of the (B, T, O) logits is materialised."""
+  logits = logits_BTO.astype(jnp.float32)
   lse = jax.nn.logsumexp(logits, axis=-1)
   target = jnp.take_along_axis(logits, targets_BT[..., None], axis=-1)[..., 0]
   return (lse - target).mean(axis=-1)

@@ -1,6 +1,6 @@
 """A pre-LN GPT whose attention layers take any scoring function, per layer.
 
-    logits_BTV = GPT(cfg)(tokens_BT)
+    logits_BTO = GPT(cfg)(tokens_BT)
 
 Per-layer patterns: `model.attention_pattern='mha|swa|swa'` cycles variants over layers
 (each variant takes its options from the `attention` config section).  Positions: learned
@@ -39,11 +39,11 @@ def sinusoidal_table(seq_len: int, d: int, std: float = 0.02):
   learned positions it puts relative offsets within a linear map's reach (sin/cos pairs rotate
   with the offset), so attention can find nearby characters from the first steps."""
   pos_T1 = jnp.arange(seq_len, dtype=jnp.float32)[:, None]
-  freq_F = jnp.exp(-jnp.log(10000.0) * jnp.arange(0, d, 2, dtype=jnp.float32) / d)
-  angle_TF = pos_T1 * freq_F[None]
+  freq = jnp.exp(-jnp.log(10000.0) * jnp.arange(0, d, 2, dtype=jnp.float32) / d)  # (D/2,)
+  angle = pos_T1 * freq[None]  # (T, D/2)
   table_TD = jnp.zeros((seq_len, d), jnp.float32)
-  table_TD = table_TD.at[:, 0::2].set(jnp.sin(angle_TF))
-  table_TD = table_TD.at[:, 1::2].set(jnp.cos(angle_TF[:, : d // 2]))
+  table_TD = table_TD.at[:, 0::2].set(jnp.sin(angle))
+  table_TD = table_TD.at[:, 1::2].set(jnp.cos(angle[:, : d // 2]))
   return table_TD * (std / jnp.sqrt(jnp.mean(table_TD ** 2)))
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float64": jnp.float64}
 
