@@ -1272,8 +1272,12 @@ def analyze(root: str | os.PathLike, out_dir: str | os.PathLike | None, n_boot: 
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  p = argparse.ArgumentParser(prog="structattn-frontier",
-                              description="Compute-frontier analysis of an LM study directory.")
+  p = argparse.ArgumentParser(
+      prog="structattn-frontier", description="Compute-frontier analysis of an LM study "
+      "directory.", formatter_class=argparse.RawDescriptionHelpFormatter,
+      epilog="writes OUT/frontier_analysis.{json,md} and the figures (PNG and PDF)\n  "
+      + ", ".join(FIGURES) + "\n\nexample:\n  structattn-frontier runs/lm-english/runs "
+      "--out=runs/lm-english/analysis --n-boot=1000")
   p.add_argument("dir", help="study directory (run directories nested at any depth)")
   p.add_argument("--out", required=True, help="output directory: figures, JSON, markdown")
   p.add_argument("--n-boot", type=int, default=1000)

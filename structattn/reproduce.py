@@ -477,14 +477,29 @@ def _parse_set(items: Sequence[str]) -> dict[str, Any]:
   return out
 
 
+def _epilog() -> str:
+  """The figures, the config presets they run and their scales, then a one-line example."""
+  presets = {f: f"{file.removesuffix('.py')}:{preset}-<scale>"
+             for f, (file, preset, _) in FIGURES.items()}
+  width = max(map(len, presets.values()))
+  rows = []
+  for f, preset in presets.items():
+    rows.append(f"  {f:15s} {preset:{width}s}  "
+                + ", ".join(s for s in scales_for(f) if s not in STUDY_SCALES))
+    study = [s for s in scales_for(f) if s in STUDY_SCALES]
+    if study:
+      rows.append(f"  {'':15s} {'':{width}s}  " + ", ".join(study)
+                  + " (staged studies: --time-limit, --archive)")
+  return ("figures, the config presets they run (--set KEY=VALUE overrides a field of each)\n"
+          "and their --scale values:\n" + "\n".join(rows) + "\n\nexample:\n"
+          "  structattn-reproduce icr-head-dim --scale=tiny --workdir=runs/icr-head-dim")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
   p = argparse.ArgumentParser(
       prog="structattn-reproduce", description=__doc__.split("\n")[0],
       formatter_class=argparse.RawDescriptionHelpFormatter,
-      epilog="example:\n  structattn-reproduce icr-head-dim --scale=tiny "
-      "--workdir=runs/icr-head-dim\n\nfigures and the config presets they run:\n" + "\n".join(
-          f"  {f:15s} {file.removesuffix('.py')}:{preset}-<scale>"
-          for f, (file, preset, _) in FIGURES.items()))
+      epilog=_epilog())
   p.add_argument("figure", choices=sorted(FIGURES))
   p.add_argument("--scale", default="tiny", choices=SCALES + STUDY_SCALES)
   p.add_argument("--workdir", default=None, help="default runs/<figure>-<scale>")
