@@ -862,13 +862,48 @@ def jsonable(obj: Any) -> Any:
 
 # ------------------------------------------------------------------------------ figures
 
-def _ylim(ax, values: Iterable[np.ndarray], pad: float = 0.04) -> None:
+def _finite_values(values: Iterable[Any]) -> np.ndarray:
   v = np.concatenate([np.asarray(a, float).ravel() for a in values] or [np.zeros(0)])
-  v = v[np.isfinite(v)]
-  if v.size:
-    lo, hi = float(v.min()), float(v.max())
-    span = max(hi - lo, 1e-3 * max(abs(hi), 1.0))
-    ax.set_ylim(lo - pad * span, hi + pad * span)
+  return v[np.isfinite(v)]
+
+
+def _ylim(ax, values: Iterable[np.ndarray], pad: float = 0.04, *,
+          extra: Iterable[np.ndarray] = (), reach: float = 0.0) -> tuple[float, float] | None:
+  """Fit the y range to `values` (the estimates drawn), padded by `pad` of their span; then
+  widen it towards `extra` (intervals, bands) by at most `reach` times that span on each side.
+  An interval reaching further is cut at the edge (`_mark_clipped` marks it), so one wide
+  interval does not flatten every estimate. Returns the limits (None without finite values)."""
+  v = _finite_values(values)
+  if not v.size:
+    return None
+  lo, hi = float(v.min()), float(v.max())
+  span = max(hi - lo, 1e-3 * max(abs(hi), 1.0))
+  e = _finite_values(extra)
+  if e.size and reach > 0:
+    lo = max(min(lo, float(e.min())), lo - reach * span)
+    hi = min(max(hi, float(e.max())), hi + reach * span)
+  span = hi - lo
+  ax.set_ylim(lo - pad * span, hi + pad * span)
+  return lo - pad * span, hi + pad * span
+
+
+def _mark_clipped(ax, x: Any, lo: Any, hi: Any, color: Any) -> int:
+  """A triangle on the edge (pointing out) where an interval [lo, hi] at x runs past the y
+  limits; call after the limits are set. Returns how many ends were marked."""
+  y0, y1 = ax.get_ylim()
+  x, lo, hi = (np.asarray(a, float) for a in (x, lo, hi))
+  up, down = np.isfinite(hi) & (hi > y1), np.isfinite(lo) & (lo < y0)
+  for sel, y, m in ((up, y1, "^"), (down, y0, "v")):
+    if sel.any():
+      ax.plot(x[sel], np.full(int(sel.sum()), y), m, ms=5, color=color, clip_on=False,
+              gid="clipped", zorder=5)
+  return int(up.sum() + down.sum())
+
+
+def _legend_right(ax, **kw) -> None:
+  """The legend beside the axes (right), where it cannot cover data."""
+  ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, frameon=False,
+            fontsize=kw.pop("fontsize", 8), **kw)
 
 
 COLOURS = {"mha": "tab:blue", "swa": "tab:green", "gswa": "tab:purple", "mlr": "tab:orange"}
@@ -900,8 +935,24 @@ def _axes_style(ax, xlabel: str, ylabel: str, title: str | None = None) -> None:
     ax.set_title(title, fontsize=9)
 
 
+def _lr_label(v: str, lrs: Sequence[tuple[Any, Any]]) -> str:
+  """A variant's legend label from its (width, lr) pairs: the rate of most widths, and the
+  widths at other rates, e.g. 'swa (lr 0.00316; 0.001 at width 768)'."""
+  lrs = [(w, float(lr)) for w, lr in lrs if results_lib._is_number(lr)]
+  if not lrs:
+    return v
+  main = Counter(lr for _, lr in lrs).most_common(1)[0][0]
+  others: dict[float, list] = {}
+  for w, lr in lrs:
+    if lr != main:
+      others.setdefault(lr, []).append(w)
+  return f"{v} (lr {main:.3g}" + "".join(
+      f"; {lr:.3g} at width {', '.join(map(str, ws))}" for lr, ws in others.items()) + ")"
+
+
 def plot_loss_by_width(frontiers: Frontiers, width_key: str = WIDTH):
-  """One panel per width, one line per variant (its chosen run at that width)."""
+  """One panel per width, one line per variant (its chosen run at that width); the y range of
+  each panel fitted to its curves, one legend beside the panels."""
   from matplotlib.figure import Figure
   from structattn import figures
   cols = colours(list(frontiers))
@@ -909,65 +960,75 @@ def plot_loss_by_width(frontiers: Frontiers, width_key: str = WIDTH):
                   key=figures._sort_key)
   ncol = min(len(widths), 3) or 1
   nrow = max(math.ceil(len(widths) / ncol), 1)
-  fig = Figure(figsize=(4.0 * ncol, 3.2 * nrow), layout="tight")
+  fig = Figure(figsize=(4.0 * ncol + 1.8, 3.2 * nrow), layout="constrained")
   axes = fig.subplots(nrow, ncol, squeeze=False)
+  handles, lrs = {}, {}
   for ax, w in zip(axes.flat, widths):
     ys = []
     for v in sorted(frontiers, key=_variant_key):
       for c in frontiers[v]:
         if c.row.get(width_key) == w:
-          lr = c.row.get(LR)
-          ax.plot(c.x, c.y, "-o", ms=2.5, lw=1.3, color=cols[v],
-                  label=f"{v} (lr {lr:.3g})" if results_lib._is_number(lr) else v)
+          (line,) = ax.plot(c.x, c.y, "-o", ms=2.5, lw=1.3, color=cols[v], label=v)
+          handles.setdefault(v, line)
+          lrs.setdefault(v, []).append((w, c.row.get(LR)))
           ys.append(c.y)
     _ylim(ax, ys)
     _axes_style(ax, "compute (paper MACs)", "eval loss (nats/char)", f"width {w}")
-    ax.legend(fontsize=7)
   for ax in list(axes.flat)[len(widths):]:
     ax.set_visible(False)
+  if handles:
+    fig.legend(list(handles.values()), [_lr_label(v, lrs[v]) for v in handles],
+               loc="outside right upper", fontsize=8, frameon=False)
   return fig
 
 
 def plot_frontiers(bands: Mapping[str, Mapping[str, np.ndarray]], at: np.ndarray,
                    comparison: Mapping[str, Any] | None = None,
                    fits: Mapping[str, fit_lib.PowerLawFit] | None = None):
-  """Each variant's frontier with its bootstrap band, the shared points marked (and each
-  variant's fitted law dashed)."""
+  """Each variant's frontier with its bootstrap band (shaded, its edges drawn thin so
+  overlapping bands stay apart), the shared points marked, each variant's fitted law dashed.
+  The y range fits the frontiers, widened towards the bands by at most a quarter of their
+  span."""
   from matplotlib.figure import Figure
   cols = colours(list(bands))
-  fig = Figure(figsize=(6.4, 4.4), layout="tight")
+  fig = Figure(figsize=(7.4, 4.4), layout="constrained")
   ax = fig.subplots()
-  ys = []
+  ys, extra = [], []
   for v, b in bands.items():
-    ax.plot(b["x"], b["y"], color=cols[v], lw=1.6, label=v)
     ok = np.isfinite(b["lo"]) & np.isfinite(b["hi"])
-    ax.fill_between(b["x"], np.where(ok, b["lo"], np.nan), np.where(ok, b["hi"], np.nan),
-                    color=cols[v], alpha=0.18, lw=0)
+    lo, hi = np.where(ok, b["lo"], np.nan), np.where(ok, b["hi"], np.nan)
+    ax.fill_between(b["x"], lo, hi, color=cols[v], alpha=0.15, lw=0, zorder=1)
+    for edge in (lo, hi):
+      ax.plot(b["x"], edge, color=cols[v], lw=0.5, alpha=0.6, zorder=1)
+    ax.plot(b["x"], b["y"], color=cols[v], lw=1.8, label=v, zorder=3)
     ys += [b["y"]]
+    extra += [lo, hi]
     f = (fits or {}).get(v)
     if f is not None and f.usable:
-      ax.plot(b["x"], f.predict(b["x"]), color=cols[v], lw=0.8, ls="--")
+      ax.plot(b["x"], f.predict(b["x"]), color=cols[v], lw=0.8, ls="--", zorder=2)
     if comparison is not None:
-      ax.plot(at, comparison["loss"][v], "o", ms=4, color=cols[v], mec="k", mew=0.5)
+      ax.plot(at, comparison["loss"][v], "o", ms=4, color=cols[v], mec="k", mew=0.5, zorder=4)
   for c in at:
-    ax.axvline(c, color="0.6", lw=0.5, ls=":")
-  _ylim(ax, ys)
+    ax.axvline(c, color="0.6", lw=0.5, ls=":", zorder=0)
+  _ylim(ax, ys, extra=extra, reach=0.25)
   _axes_style(ax, "compute (paper MACs)", "frontier eval loss (nats/char)",
-              "compute frontiers, 95% bootstrap bands over runs; dotted: shared points")
-  ax.legend(fontsize=8)
+              "compute frontiers, 95% bootstrap bands over runs; dashed: fits; "
+              "dotted: shared points")
+  _legend_right(ax)
   return fig
 
 
 def plot_difference(comparison: Mapping[str, Any]):
   """Target minus each rival at the shared points: bootstrap intervals (bars) and +-1.96 seed
-  standard errors (caps offset), a line at 0."""
+  standard errors (shaded), a line at 0. The y range fits the differences and 0, widened
+  towards the intervals by at most half that span; bars cut there end in a triangle."""
   from matplotlib.figure import Figure
   at = np.asarray(comparison["at"], float)
   rivals = list(comparison["rivals"])
   cols = colours(comparison["variants"])
-  fig = Figure(figsize=(6.4, 4.0), layout="tight")
+  fig = Figure(figsize=(7.4, 4.0), layout="constrained")
   ax = fig.subplots()
-  ys = []
+  ys, extra, bars = [np.zeros(1)], [], []
   for k, r in enumerate(rivals):
     d = comparison["rivals"][r]
     shift = 10 ** (0.015 * (k - (len(rivals) - 1) / 2))
@@ -981,24 +1042,30 @@ def plot_difference(comparison: Mapping[str, Any]):
     if math.isfinite(se):
       ax.fill_between(at * shift, diff - 1.96 * se, diff + 1.96 * se, color=cols[r], alpha=0.1,
                       lw=0)
-    ys += [lo, hi, diff]
+      extra += [diff - 1.96 * se, diff + 1.96 * se]
+    ys.append(diff)
+    extra += [lo, hi]
+    bars.append((at * shift, lo, hi, cols[r]))
   ax.axhline(0, color="k", lw=0.8)
-  _ylim(ax, ys + [np.zeros(1)])
+  _ylim(ax, ys, extra=extra, reach=0.5)
+  clipped = sum(_mark_clipped(ax, *b) for b in bars)
   _axes_style(ax, "compute (paper MACs)", "frontier loss difference (nats/char)",
-              "bars: 95% bootstrap over runs; shaded: +-1.96 seed s.e.")
-  ax.legend(fontsize=8)
+              "bars: 95% bootstrap over runs; shaded: +-1.96 seed s.e."
+              + ("; triangles: bar runs past the axis" if clipped else ""))
+  _legend_right(ax)
   return fig
 
 
 def plot_multiplier(multipliers: Mapping[str, Mapping[str, Any]]):
   """The compute multiplier vs compute with its interval per baseline; hollow markers where
-  extrapolated with the baseline's fit; a line at 1."""
+  extrapolated with the baseline's fit; a line at 1. The log y range fits the estimates and 1,
+  widened to the intervals by at most a factor 3; bars cut there end in a triangle."""
   from matplotlib.figure import Figure
   cols = colours([m["baseline"] for m in multipliers.values()] +
                          [m["target"] for m in multipliers.values()])
-  fig = Figure(figsize=(6.4, 4.0), layout="tight")
+  fig = Figure(figsize=(7.6, 4.0), layout="constrained")
   ax = fig.subplots()
-  ys = []
+  ys, bars = [], []
   for k, (b, m) in enumerate(multipliers.items()):
     at = np.asarray(m["at"], float) * 10 ** (0.015 * (k - (len(multipliers) - 1) / 2))
     y = np.asarray(m["multiplier"], float)
@@ -1007,11 +1074,12 @@ def plot_multiplier(multipliers: Mapping[str, Mapping[str, Any]]):
     fin = np.isfinite(y)
     err = [np.where(np.isfinite(lo), y - lo, 0), np.where(np.isfinite(hi), hi - y, 0)]
     ax.errorbar(at[fin], y[fin], yerr=[err[0][fin], err[1][fin]], fmt="-", lw=1, capsize=3,
-                color=cols[b], label=f"{b} compute to reach {m['target']}'s loss")
+                color=cols[b], label=b)
     ext = np.asarray(m["extrapolated"], bool)
     ax.plot(at[fin & ~ext], y[fin & ~ext], "o", ms=5, color=cols[b])
     ax.plot(at[fin & ext], y[fin & ext], "o", ms=5, mfc="white", color=cols[b])
     ys += [y, lo, hi]
+    bars.append((at[fin], lo[fin], hi[fin], cols[b]))
   ax.axhline(1.0, color="k", lw=0.8)
   ax.set_yscale("log")
   # the range of the estimates and 1, widened to the intervals by at most a factor 3 (an
@@ -1023,13 +1091,16 @@ def plot_multiplier(multipliers: Mapping[str, Mapping[str, Any]]):
   v = v[np.isfinite(v) & (v > 0)]
   lo, hi = max(v.min(), est.min() / 3), min(v.max(), est.max() * 3)
   ax.set_ylim(lo / 1.15, hi * 1.15)
+  clipped = sum(_mark_clipped(ax, *bar) for bar in bars)
   from matplotlib import ticker
   ax.yaxis.set_major_locator(ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
   ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda t, _: f"{t:g}"))
   ax.yaxis.set_minor_formatter(ticker.NullFormatter())
   _axes_style(ax, "compute C (paper MACs)", "multiplier C' / C",
-              "effective compute multiplier (95% bootstrap); hollow: extrapolated by the fit")
-  ax.legend(fontsize=8)
+              "effective compute multiplier (95% bootstrap); hollow: extrapolated by the fit"
+              + ("; triangles: bar runs past the axis" if clipped else ""))
+  targets = sorted({str(m["target"]) for m in multipliers.values()})
+  _legend_right(ax, title=f"compute to reach\n{' / '.join(targets)}'s loss", title_fontsize=8)
   return fig
 
 
@@ -1202,8 +1273,12 @@ def analyze(root: str | os.PathLike, out_dir: str | os.PathLike | None, n_boot: 
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  p = argparse.ArgumentParser(prog="structattn-frontier",
-                              description="Compute-frontier analysis of an LM study directory.")
+  p = argparse.ArgumentParser(
+      prog="structattn-frontier", description="Compute-frontier analysis of an LM study "
+      "directory.", formatter_class=argparse.RawDescriptionHelpFormatter,
+      epilog="writes OUT/frontier_analysis.{json,md} and the figures (PNG and PDF)\n  "
+      + ", ".join(FIGURES) + "\n\nexample:\n  structattn-frontier runs/lm-english/runs "
+      "--out=runs/lm-english/analysis --n-boot=1000")
   p.add_argument("dir", help="study directory (run directories nested at any depth)")
   p.add_argument("--out", required=True, help="output directory: figures, JSON, markdown")
   p.add_argument("--n-boot", type=int, default=1000)

@@ -5,8 +5,9 @@
 
 Figures (`FIGURES`):
   icr-head-dim    in-context regression, finding (a): MHA's last-point error against its head
-                  dim r = D / heads, one line per d_input; the error falls only once r
-                  approaches d_input.  (icr:sweep-head-dim-<scale>)
+                  dim r = D / heads, one panel per d_input (mean and s.e.m. over seeds, r =
+                  d_input dashed); the error falls only once r approaches d_input.
+                  (icr:sweep-head-dim-<scale>)
   icr-compute     in-context regression, finding (b): last-point error against forward
                   compute for MHA, bilinear BTT and bilinear MLR at several widths; the
                   structured variants below MHA at equal compute. (icr:sweep-compute-<scale>)
@@ -77,54 +78,190 @@ def _evaluated(root: Path, key: str):
   return out
 
 
-def analyze_icr_head_dim(root: Path, out: Path) -> dict[str, Any]:
-  """Last-point error against head dim r per d_input, with the baselines.  Runs cut short
-  (status running) count with their last eval; the table gives the steps reached."""
-  by_d: dict[int, list[tuple[int, float, float, int]]] = {}
+def _head_dim_points(root: Path):
+  """Per d_input: one point per head dim r, aggregated over seeds, and the baselines.
+
+  Returns ({d: [(r, mean, sem, seeds, steps)]}, {d: {baseline: value}}). The error bar is the
+  standard error of the mean over seeds (std ddof=1 / sqrt(n)) where a point has two or more
+  seeds; with one seed it is that run's standard error over its held-out prompts, which
+  measures the eval noise only. `steps` is the least step reached among the seeds."""
+  runs: dict[int, dict[int, list[tuple[int, float, float]]]] = {}
   base: dict[int, dict[str, float]] = {}
   for r, (step, se, sem) in _evaluated(root, "eval/last_point_se"):
     d, width, heads = int(r["icr.d_input"]), int(r["model.d_model"]), int(
         r["attention.num_heads"])
     head_dim = int(r.get("attention.d_qk") or 0) or width // heads
-    by_d.setdefault(d, []).append((head_dim, se, sem, step))
-    base[d] = {k.split("/")[1]: float(r[k]) for k in r
-               if k.startswith("baseline/") and k.endswith("/last_point_se") and _finite(r[k])}
-  fig = _figure(figsize=(4.8 * max(1, len(by_d)), 3.6))
-  axes = fig.subplots(1, max(1, len(by_d)), squeeze=False)[0]
-  summary = {"figure": "icr-head-dim", "by_d_input": {}}
-  for ax, d in zip(axes, sorted(by_d)):
-    pts = sorted(by_d[d])
-    r_, e_, s_, _ = (np.array(v) for v in zip(*pts))
-    ax.errorbar(r_, e_, yerr=s_, marker="o", label="MHA")
-    for name, style in (("zero", ":"), ("least_squares", "--"), ("averaging", "-.")):
-      if name in base[d]:
-        ax.axhline(max(base[d][name], 1e-6), ls=style, color="grey", lw=1, label=name)
-    ax.axvline(d, color="k", lw=0.8, alpha=0.5)
-    ax.set_xscale("log", base=2)
+    runs.setdefault(d, {}).setdefault(head_dim, []).append((int(r.get("seed") or 0), se, sem,
+                                                            step))
+    base.setdefault(d, {}).update(
+        {k.split("/")[1]: float(r[k]) for k in r
+         if k.startswith("baseline/") and k.endswith("/last_point_se") and _finite(r[k])})
+  points = {}
+  for d, by_r in runs.items():
+    pts = []
+    for head_dim, rs in sorted(by_r.items()):
+      by_seed = {s: (se, sem, step) for s, se, sem, step in sorted(rs)}
+      e = np.array([v[0] for v in by_seed.values()])
+      n = len(e)
+      sem = float(e.std(ddof=1) / math.sqrt(n)) if n > 1 else float(next(iter(
+          by_seed.values()))[1])
+      pts.append((head_dim, float(e.mean()), sem, n, min(v[2] for v in by_seed.values())))
+    points[d] = pts
+  return points, base
+
+
+# (key in the run's baseline/<key>/last_point_se, label, line style), smallest error last
+HEAD_DIM_BASELINES = (("zero", "zero", ":"), ("averaging", "averaging", "-."),
+                      ("ridge", "ridge", (0, (5, 2, 1, 2))),
+                      ("least_squares", "least squares", "--"))
+
+
+def _head_dim_ylim(pts, baselines: Mapping[str, float], near: float = 2.0,
+                   min_ratio: float = 1.5, pad: float = 0.08) -> tuple[float, float]:
+  """Log-axis limits fitted to the points and their error bars: their range (at least a factor
+  `min_ratio`), widened to a baseline lying within a factor `near` of it and padded by `pad` of
+  the log span. Baselines further away do not widen it (they are marked at the edge)."""
+  e = np.array([p[1] for p in pts], float)
+  s = np.nan_to_num(np.array([p[2] for p in pts], float))
+  lo_v = np.where(e - s > 0, e - s, e)
+  a, b = math.log10(float(lo_v.min())), math.log10(float((e + s).max()))
+  if b - a < math.log10(min_ratio):
+    mid = (a + b) / 2
+    a, b = mid - math.log10(min_ratio) / 2, mid + math.log10(min_ratio) / 2
+  a0, b0 = a, b
+  for v in baselines.values():
+    if v > 0 and a0 - math.log10(near) <= math.log10(v) <= b0 + math.log10(near):
+      a, b = min(a, math.log10(v)), max(b, math.log10(v))
+  span = b - a
+  return 10 ** (a - pad * span), 10 ** (b + pad * span)
+
+
+def _log_ticks(ax, lo: float, hi: float) -> None:
+  """Plain-number ticks on a log y axis spanning under two decades: the first of the mantissa
+  sets below giving at least four ticks inside [lo, hi] (default log ticks otherwise)."""
+  from matplotlib import ticker
+  if math.log10(hi / lo) >= 2:
+    return
+  for subs in ((1,), (1, 2, 5), (1, 2, 3, 5), (1, 1.5, 2, 3, 4, 5, 7),
+               (1, 1.2, 1.5, 2, 2.5, 3, 4, 5, 6, 7, 8, 9)):
+    ticks = [m * 10.0 ** k for k in range(math.floor(math.log10(lo)),
+                                          math.ceil(math.log10(hi)) + 1) for m in subs]
+    ticks = [t for t in ticks if lo <= t <= hi]
+    if len(ticks) >= 4:
+      break
+  ax.yaxis.set_major_locator(ticker.FixedLocator(ticks))
+  ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:.3g}"))
+  ax.yaxis.set_minor_locator(ticker.NullLocator())
+
+
+def _edge_labels(ax, labels: list[tuple[float, float, str]], gap: float = 0.075) -> None:
+  """(axes-fraction height, value, text) as texts in the right margin, in the order of
+  (height, value), pushed apart by `gap`."""
+  labels = sorted(labels)
+  ys = [y for y, *_ in labels]
+  for i in range(1, len(ys)):
+    ys[i] = max(ys[i], ys[i - 1] + gap)
+  if ys and ys[-1] > 0.98:  # the top of the stack back inside, the ones below it as needed
+    ys[-1] = 0.98
+    for i in range(len(ys) - 2, -1, -1):
+      ys[i] = min(ys[i], ys[i + 1] - gap)
+  for y, (*_, text) in zip(ys, labels):
+    ax.text(1.02, y, text, transform=ax.transAxes, fontsize=7, va="center", ha="left",
+            color="0.3", clip_on=False)
+
+
+def plot_icr_head_dim(points: Mapping[int, Sequence[tuple]],
+                      baselines: Mapping[int, Mapping[str, float]]):
+  """One panel per d_input: MHA's last-point error against head dim r (mean over seeds,
+  error bars the s.e.m., `_head_dim_points`), the baselines, and r = d_input dashed.
+
+  The log y axis spans the model points (`_head_dim_ylim`): a baseline inside it is a grey line
+  labelled with its value in the right margin; one outside it is an arrow label at the top or
+  bottom edge with its value, so the ~1e-14 of least squares does not flatten the points."""
+  from matplotlib import ticker
+  if not points:
+    raise ValueError("plot_icr_head_dim: no evaluated runs")
+  ds = sorted(points)
+  fig = _figure(figsize=(4.6 * len(ds), 3.6), layout="constrained")
+  axes = fig.subplots(1, len(ds), squeeze=False)[0]
+  seeds = sorted({p[3] for d in ds for p in points[d]})
+  for ax, d in zip(axes, ds):
+    pts = sorted(points[d])
+    r_, e_, s_ = (np.array([p[i] for p in pts], float) for i in range(3))
+    ax.errorbar(r_, e_, yerr=np.nan_to_num(s_), marker="o", ms=5, capsize=3, lw=1.5,
+                color="tab:blue", label="MHA", zorder=3)
+    base = dict(baselines.get(d) or {})
+    lo, hi = _head_dim_ylim(pts, base)
     ax.set_yscale("log")
+    ax.set_ylim(lo, hi)
+    labels = []
+    for key, name, style in HEAD_DIM_BASELINES:
+      v = base.get(key)
+      if v is None:
+        continue
+      if lo <= v <= hi:
+        ax.axhline(v, ls=style, color="0.45", lw=1, label=name, zorder=1)
+        labels.append(((math.log10(v) - math.log10(lo)) / math.log10(hi / lo), v,
+                       f"{name} {v:.2g}"))
+      else:  # off the axis: an arrow label at the edge it lies beyond
+        labels.append((0.98, v, f"\u2191 {name} {v:.2g}") if v > hi else
+                      (0.02, v, f"\u2193 {name} {v:.2g}"))
+    _edge_labels(ax, labels)
+    ax.axvline(d, ls="--", color="k", lw=0.9, gid="r=d_input", zorder=2)
+    ax.annotate("r = d_input", (d, 0.97), xycoords=("data", "axes fraction"), xytext=(-3, 0),
+                textcoords="offset points", rotation=90, ha="right", va="top", fontsize=7)
+    ax.set_xscale("log", base=2)
+    xs = sorted({int(v) for v in r_} | {int(d)})
+    ax.set_xlim(xs[0] / 2 ** 0.3, xs[-1] * 2 ** 0.3)
+    ax.set_xticks(xs, [str(v) for v in xs])
+    ax.xaxis.set_minor_locator(ticker.NullLocator())
+    _log_ticks(ax, lo, hi)
+    ax.grid(True, which="major", alpha=0.2)
     ax.set_xlabel("head dim r")
     ax.set_ylabel("last-point squared error")
-    ax.set_title(f"d_input = {d}")
-    ax.legend(fontsize=7)
-    below = [e for r, e, _, _ in pts if r < d]
-    at_or_above = [e for r, e, _, _ in pts if r >= d]
+    ax.set_title(f"d_input = {d}", fontsize=10)
+  if seeds == [1]:
+    how = "s.e.m. over held-out prompts (one seed per point)"
+  elif len(seeds) == 1:
+    how = f"s.e.m. over {seeds[0]} seeds"
+  else:
+    how = (f"s.e.m. over {seeds[0]}-{seeds[-1]} seeds" if seeds[0] > 1 else
+           f"s.e.m. over up to {seeds[-1]} seeds (one seed: over held-out prompts)")
+  fig.suptitle(f"MHA error against head dim; bars: {how}", fontsize=9)
+  return fig
+
+
+def analyze_icr_head_dim(root: Path, out: Path) -> dict[str, Any]:
+  """Last-point error against head dim r per d_input (mean and s.e.m. over seeds), with the
+  baselines. Runs cut short (status running) count with their last eval; the table gives the
+  steps reached."""
+  by_d, base = _head_dim_points(root)
+  if not by_d:
+    raise ValueError(f"no evaluated runs under {str(root)!r}")
+  fig = plot_icr_head_dim(by_d, base)
+  summary = {"figure": "icr-head-dim", "by_d_input": {}}
+  for d in sorted(by_d):
+    pts = by_d[d]
+    below = [e for r, e, *_ in pts if r < d]
+    at_or_above = [e for r, e, *_ in pts if r >= d]
     summary["by_d_input"][str(d)] = {
-        "head_dim": [int(v) for v in r_], "last_point_se": [float(v) for v in e_],
-        "last_point_se_sem": [float(v) for v in s_], "steps": [p[3] for p in pts],
-        "baselines": base[d],
+        "head_dim": [p[0] for p in pts], "last_point_se": [p[1] for p in pts],
+        "last_point_se_sem": [p[2] for p in pts], "seeds": [p[3] for p in pts],
+        "steps": [p[4] for p in pts], "baselines": base[d],
         "best_below_d": min(below) if below else None,
         "best_at_or_above_d": min(at_or_above) if at_or_above else None,
         "finding_holds": bool(below and at_or_above and min(at_or_above) < min(below))}
   from structattn import figures as fig_lib
   summary["files"] = [str(p) for p in fig_lib.save(fig, out, "icr_head_dim")]
-  lines = ["| d_input | " + " | ".join(f"r={r}" for r in sorted({p[0] for v in by_d.values()
-                                                                  for p in v})) + " |"]
   all_r = sorted({p[0] for v in by_d.values() for p in v})
-  lines.append("|---" * (len(all_r) + 1) + "|")
+  lines = ["| d_input | " + " | ".join(f"r={r}" for r in all_r) + " |",
+           "|---" * (len(all_r) + 1) + "|"]
   for d in sorted(by_d):
-    e = {p[0]: (p[1], p[3]) for p in by_d[d]}
-    lines.append(f"| {d} | " + " | ".join(f"{e[r][0]:.3g} ({e[r][1]} steps)" if r in e else ""
-                                          for r in all_r) + " |")
+    e = {p[0]: p for p in by_d[d]}
+    lines.append(f"| {d} | " + " | ".join(
+        f"{e[r][1]:.3g} ± {e[r][2]:.2g} ({e[r][4]} steps"
+        + (f", {e[r][3]} seeds)" if e[r][3] > 1 else ")") if r in e else "" for r in all_r)
+        + " |")
   summary["table"] = "\n".join(lines)
   return summary
 
@@ -340,14 +477,29 @@ def _parse_set(items: Sequence[str]) -> dict[str, Any]:
   return out
 
 
+def _epilog() -> str:
+  """The figures, the config presets they run and their scales, then a one-line example."""
+  presets = {f: f"{file.removesuffix('.py')}:{preset}-<scale>"
+             for f, (file, preset, _) in FIGURES.items()}
+  width = max(map(len, presets.values()))
+  rows = []
+  for f, preset in presets.items():
+    rows.append(f"  {f:15s} {preset:{width}s}  "
+                + ", ".join(s for s in scales_for(f) if s not in STUDY_SCALES))
+    study = [s for s in scales_for(f) if s in STUDY_SCALES]
+    if study:
+      rows.append(f"  {'':15s} {'':{width}s}  " + ", ".join(study)
+                  + " (staged studies: --time-limit, --archive)")
+  return ("figures, the config presets they run (--set KEY=VALUE overrides a field of each)\n"
+          "and their --scale values:\n" + "\n".join(rows) + "\n\nexample:\n"
+          "  structattn-reproduce icr-head-dim --scale=tiny --workdir=runs/icr-head-dim")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
   p = argparse.ArgumentParser(
       prog="structattn-reproduce", description=__doc__.split("\n")[0],
       formatter_class=argparse.RawDescriptionHelpFormatter,
-      epilog="example:\n  structattn-reproduce icr-head-dim --scale=tiny "
-      "--workdir=runs/icr-head-dim\n\nfigures and the config presets they run:\n" + "\n".join(
-          f"  {f:15s} {file.removesuffix('.py')}:{preset}-<scale>"
-          for f, (file, preset, _) in FIGURES.items()))
+      epilog=_epilog())
   p.add_argument("figure", choices=sorted(FIGURES))
   p.add_argument("--scale", default="tiny", choices=SCALES + STUDY_SCALES)
   p.add_argument("--workdir", default=None, help="default runs/<figure>-<scale>")

@@ -419,9 +419,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   p = argparse.ArgumentParser(
       prog="structattn-results", description="Collect a sweep's run directories into a table.",
       formatter_class=argparse.RawDescriptionHelpFormatter,
-      epilog="example:\n  structattn-results runs/lm --out=runs/lm/table --best-lr\n\n"
-      "Run directories written with older config keys are read in the current ones "
-      "(README: Configs).")
+      epilog="Run directories written with older config keys are read in the current ones "
+      "(README: Configs).\n\nexample:\n  structattn-results runs/lm --out=runs/lm/table --best-lr")
   p.add_argument("dir", help="sweep directory (runs nested at any depth)")
   p.add_argument("--out", default=None, help="write OUT.csv and OUT.parquet")
   p.add_argument("--best-lr", action="store_true",

@@ -88,33 +88,33 @@ def generate(model, prompt_BT, max_new_tokens: int, *, temperature: float = 1.0,
   return np.concatenate(out, axis=1)
 
 
+def _define_flags(fv, sys_argv):
+  from absl import flags
+  del sys_argv
+  flags.DEFINE_string("workdir", None, "Run directory with a checkpoint.", flag_values=fv)
+  flags.DEFINE_string("prompt", "\n", "Prompt text.", flag_values=fv)
+  flags.DEFINE_integer("max_new_tokens", 200, "Tokens to generate.", flag_values=fv)
+  flags.DEFINE_float("temperature", 0.8, "Sampling temperature (0 = greedy).", flag_values=fv)
+  flags.DEFINE_integer("top_k", 0, "Keep the top k logits (0 = all).", flag_values=fv)
+  flags.DEFINE_integer("seed", 0, "Sampling seed.", flag_values=fv)
+
+
+def _run_flags(f):
+  from absl import logging
+  logging.set_verbosity(logging.WARNING)
+  _, model, tok = load_run(f.workdir)
+  prompt = np.asarray(tok.encode(f.prompt), np.int32)[None]
+  ids = generate(model, jnp.asarray(prompt), f.max_new_tokens, temperature=f.temperature,
+                 top_k=f.top_k, seed=f.seed)
+  print(tok.decode(ids[0]))
+
+
 def main(argv=None):
-  from absl import app, flags, logging
-
-  flags.DEFINE_string("workdir", None, "Run directory with a checkpoint.")
-  flags.DEFINE_string("prompt", "\n", "Prompt text.")
-  flags.DEFINE_integer("max_new_tokens", 200, "Tokens to generate.")
-  flags.DEFINE_float("temperature", 0.8, "Sampling temperature (0 = greedy).")
-  flags.DEFINE_integer("top_k", 0, "Keep the top k logits (0 = all).")
-  flags.DEFINE_integer("seed", 0, "Sampling seed.")
-  flags.mark_flags_as_required(["workdir"])
-  import sys
-  main_module = sys.modules.get("__main__")
-  if main_module is not None:  # absl's --help prints the main module's docstring
-    main_module.__doc__ = (f"{__doc__.rstrip()}\n\nExample:\n  structattn-sample "
-                           "--workdir=runs/tiny --prompt='ROMEO:' --max_new_tokens=200\n")
-
-  def _main(argv):
-    del argv
-    logging.set_verbosity(logging.WARNING)
-    f = flags.FLAGS
-    _, model, tok = load_run(f.workdir)
-    prompt = np.asarray(tok.encode(f.prompt), np.int32)[None]
-    ids = generate(model, jnp.asarray(prompt), f.max_new_tokens, temperature=f.temperature,
-                   top_k=f.top_k, seed=f.seed)
-    print(tok.decode(ids[0]))
-
-  app.run(_main, argv=argv)
+  """`structattn-sample`; argv without the program name (default sys.argv[1:])."""
+  from structattn import cli
+  return cli.absl_main("structattn-sample", __doc__, _define_flags, _run_flags, argv,
+                       example="structattn-sample --workdir=runs/tiny --prompt='ROMEO:' "
+                       "--max_new_tokens=200", required=("workdir",))
 
 
 if __name__ == "__main__":

@@ -95,8 +95,10 @@ def apply_overrides(base: ml_collections.ConfigDict, overrides: Mapping[str, Any
 def points(config: ml_collections.ConfigDict) -> list[tuple[str, ml_collections.ConfigDict]]:
   """(name, config) per sweep point, in order; names must be unique."""
   if "sweep" not in config or not config.sweep:
-    raise ValueError("config has no `sweep` list: use a sweep preset such as "
-                     "lm:sweep-scaling-tiny")
+    from structattn import configs
+    sweeps = [f"{n}:{p}" for n in configs.CONFIGS for p in configs.module(n).PRESETS.patterns
+              if is_sweep_preset(p)]
+    raise ValueError(f"config has no `sweep` list: use a sweep preset ({', '.join(sweeps)})")
   base = ml_collections.ConfigDict(config.to_dict())
   sweep = [dict(o) for o in base.sweep]
   del base["sweep"]
@@ -215,40 +217,54 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str, parallel: int = 1
 # ------------------------------------------------------------------------------------- CLI
 
 
-def main(argv=None):
-  from absl import app, flags, logging
+def _define_flags(fv, sys_argv):
+  from absl import flags
 
   from structattn import configs
-  configs.define_flag("config", example="icr:sweep-head-dim-tiny", lock_config=False)
-  configs.set_usage(__doc__, "structattn-sweep --config=icr:sweep-head-dim-tiny "
-                    "--workdir=runs/icr-a --parallel=2")
-  flags.DEFINE_string("workdir", None, "Sweep directory (one run directory per point).")
-  flags.DEFINE_integer("parallel", 1, "Points run at once (worker processes).")
-  flags.DEFINE_bool("dry_run", False, "List the points and their status; run nothing.")
-  flags.DEFINE_bool("vmap", False, "Vmap points that differ only in seed and train.lr.")
+  configs.define_flag("config", example="icr:sweep-head-dim-tiny", lock_config=False,
+                      flag_values=fv, sys_argv=sys_argv)
+  flags.DEFINE_string("workdir", None, "Sweep directory (one run directory per point).",
+                      flag_values=fv)
+  flags.DEFINE_integer("parallel", 1, "Points run at once (worker processes).", flag_values=fv)
+  flags.DEFINE_bool("dry_run", False, "List the points and their status; run nothing.",
+                    flag_values=fv)
+  flags.DEFINE_bool("vmap", False, "Vmap points that differ only in seed and train.lr.",
+                    flag_values=fv)
   flags.DEFINE_string("compilation_cache", DEFAULT_CACHE, "Persistent compilation cache "
-                      "directory ('' to disable).")
+                      "directory ('' to disable).", flag_values=fv)
   flags.DEFINE_multi_string("only", [], "Run only points whose names contain this substring "
-                            "(repeatable; point names themselves contain commas).")
-  flags.mark_flags_as_required(["config", "workdir"])
+                            "(repeatable; point names themselves contain commas).",
+                            flag_values=fv)
 
-  def _main(argv):
-    del argv
-    logging.set_verbosity(logging.WARNING)
-    f = flags.FLAGS
-    statuses = run_sweep(f.config, f.workdir, f.parallel, f.dry_run, f.vmap,
-                         f.compilation_cache or None, only=f.only)
-    if not f.dry_run:
-      counts: dict[str, int] = {}
-      for s in statuses.values():
-        key = s.split(":")[0]
-        counts[key] = counts.get(key, 0) + 1
-      print(f"sweep {f.workdir}: {counts}")
-      for n, s in statuses.items():
-        if s.startswith("failed"):
-          print(f"  {n}: {s}")
 
-  app.run(_main, argv=argv)
+def _run_flags(f):
+  from absl import logging
+  logging.set_verbosity(logging.WARNING)
+  statuses = run_sweep(f.config, f.workdir, f.parallel, f.dry_run, f.vmap,
+                       f.compilation_cache or None, only=f.only)
+  if not f.dry_run:
+    counts: dict[str, int] = {}
+    for s in statuses.values():
+      key = s.split(":")[0]
+      counts[key] = counts.get(key, 0) + 1
+    print(f"sweep {f.workdir}: {counts}")
+    for n, s in statuses.items():
+      if s.startswith("failed"):
+        print(f"  {n}: {s}")
+
+
+def is_sweep_preset(pattern: str) -> bool:
+  """Whether a preset pattern is a sweep (a config with a `sweep` list)."""
+  return pattern.startswith("sweep-")
+
+
+def main(argv=None):
+  """`structattn-sweep`; argv without the program name (default sys.argv[1:])."""
+  from structattn import cli
+  return cli.absl_main("structattn-sweep", __doc__, _define_flags, _run_flags, argv,
+                       example="structattn-sweep --config=icr:sweep-head-dim-tiny "
+                       "--workdir=runs/icr-a --parallel=2", presets=is_sweep_preset,
+                       required=("config", "workdir"))
 
 
 if __name__ == "__main__":

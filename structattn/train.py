@@ -700,37 +700,46 @@ def _progress(config, rundir, steps: int, step: int):
 # ------------------------------------------------------------------------------------- CLI
 
 
-def main(argv=None):
-  from absl import app, flags, logging
+def _define_flags(fv, sys_argv):
+  from absl import flags
 
   from structattn import configs
-  configs.define_flag("config", example="lm:tiny", lock_config=True)
-  configs.set_usage(__doc__, "structattn-train --config=lm:tiny --workdir=runs/tiny "
-                    "--config.train.steps=100")
-  flags.DEFINE_string("workdir", None, "Run directory (created; resumed if it has checkpoints).")
+  configs.define_flag("config", example="lm:tiny", lock_config=True, flag_values=fv,
+                      sys_argv=sys_argv)
+  flags.DEFINE_string("workdir", None, "Run directory (created; resumed if it has "
+                      "checkpoints).", flag_values=fv)
   flags.DEFINE_string("compilation_cache", runtime.DEFAULT_CACHE, "Persistent JAX "
-                      "compilation cache directory ('' to disable).")
+                      "compilation cache directory ('' to disable).", flag_values=fv)
   flags.DEFINE_enum("distributed", "auto", list(runtime.MODES), "jax.distributed: auto "
                     "(when coordinator flags are given or SLURM / Open MPI / a TPU pod is "
-                    "detected), on (always, cluster auto-detected by jax) or off.")
-  flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-host).")
-  flags.DEFINE_integer("num_processes", None, "Number of processes (multi-host).")
-  flags.DEFINE_integer("process_id", None, "This process's index (multi-host).")
-  flags.mark_flags_as_required(["config", "workdir"])
+                    "detected), on (always, cluster auto-detected by jax) or off.",
+                    flag_values=fv)
+  flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-host).",
+                      flag_values=fv)
+  flags.DEFINE_integer("num_processes", None, "Number of processes (multi-host).",
+                       flag_values=fv)
+  flags.DEFINE_integer("process_id", None, "This process's index (multi-host).",
+                       flag_values=fv)
 
-  def _main(argv):
-    del argv
-    F = flags.FLAGS
-    runtime.initialize_distributed(F.coordinator_address, F.num_processes, F.process_id,
-                                   mode=F.distributed)  # before anything touches the devices
-    logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
-    runtime.enable_compilation_cache(F.compilation_cache or None)
-    result = train(F.config, F.workdir)
-    if jax.process_index() == 0:
-      print({k: v for k, v in result.items()
-             if k == "status" or k.startswith(("final/", "test/")) or k == result.get("unit")})
 
-  app.run(_main, argv=argv)
+def _run_flags(F):
+  from absl import logging
+  runtime.initialize_distributed(F.coordinator_address, F.num_processes, F.process_id,
+                                 mode=F.distributed)  # before anything touches the devices
+  logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+  runtime.enable_compilation_cache(F.compilation_cache or None)
+  result = train(F.config, F.workdir)
+  if jax.process_index() == 0:
+    print({k: v for k, v in result.items()
+           if k == "status" or k.startswith(("final/", "test/")) or k == result.get("unit")})
+
+
+def main(argv=None):
+  """`structattn-train`; argv without the program name (default sys.argv[1:])."""
+  from structattn import cli
+  return cli.absl_main("structattn-train", __doc__, _define_flags, _run_flags, argv,
+                       example="structattn-train --config=lm:tiny --workdir=runs/tiny "
+                       "--config.train.steps=100", presets=True, required=("config", "workdir"))
 
 
 if __name__ == "__main__":

@@ -335,3 +335,113 @@ def test_analyze_writes_figures_and_json(study, tmp_path):
   saved = json.loads((tmp_path / "out" / "frontier_analysis.json").read_text())
   assert saved["verdict"] == out["verdict"]
   assert (tmp_path / "out" / "frontier_analysis.md").read_text() == out["report"]
+
+
+# ------------------------------------------------------------------------------ figures
+
+def _drawn(fig):
+  from matplotlib.backends.backend_agg import FigureCanvasAgg
+  FigureCanvasAgg(fig).draw()
+  return fig.canvas.get_renderer()
+
+
+def _legends_clear_of_axes(fig):
+  """Every legend (of an axes or the figure) lies outside every visible axes, so it covers no
+  data."""
+  r = _drawn(fig)
+  legends = [ax.get_legend() for ax in fig.axes if ax.get_legend()] + list(fig.legends)
+  assert legends
+  for leg in legends:
+    lb = leg.get_window_extent(r)
+    for ax in fig.axes:
+      if ax.get_visible():
+        ab = ax.get_window_extent(r)
+        assert lb.x0 >= ab.x1 or lb.x1 <= ab.x0 or lb.y0 >= ab.y1 or lb.y1 <= ab.y0, \
+            (lb, ab)
+
+
+def _data_y(ax):
+  return np.concatenate([np.asarray(l.get_ydata(), float) for l in ax.lines
+                         if l.get_gid() != "clipped" and len(l.get_ydata()) > 2])
+
+
+def test_loss_by_width_figure_fits_each_panel(runs):
+  fig = frontier.plot_loss_by_width(runs)
+  axes = [ax for ax in fig.axes if ax.get_visible()]
+  assert len(axes) == len(WIDTHS)
+  for ax in axes:
+    y = np.concatenate([np.asarray(l.get_ydata(), float) for l in ax.lines])
+    lo, hi = ax.get_ylim()
+    assert lo <= y.min() and y.max() <= hi
+    assert hi - lo <= 1.1 * (y.max() - y.min())
+  labels = [t.get_text() for t in fig.legends[0].get_texts()]
+  assert labels == [f"{v} (lr {BEST_LR[v]:.3g}; {BEST_LR_WIDEST[v]:.3g} at width {WIDTHS[-1]})"
+                    if v in BEST_LR_WIDEST else f"{v} (lr {BEST_LR[v]:.3g})" for v in K]
+  _legends_clear_of_axes(fig)
+
+
+def test_frontiers_figure_fits_the_frontiers_and_shows_the_bands(runs, comparison):
+  bands = frontier.frontier_bands(runs, None, n_boot=50, seed=0)
+  fig = frontier.plot_frontiers(bands, comparison["at"], comparison)
+  (ax,) = fig.axes
+  y = np.concatenate([b["y"] for b in bands.values()])
+  y = y[np.isfinite(y)]
+  lo, hi = ax.get_ylim()
+  assert lo <= y.min() and y.max() <= hi
+  assert hi - lo <= (1 + 2 * 0.25) * 1.1 * (y.max() - y.min())
+  # one visible band per variant, wide somewhere (the resampling drops runs)
+  fills = [c for c in ax.collections if len(c.get_paths())]
+  assert len(fills) == len(bands)
+  assert all(0 < c.get_alpha() < 1 for c in fills)
+  assert any(np.nanmax(b["hi"] - b["lo"]) > 0.01 for b in bands.values())
+  _legends_clear_of_axes(fig)
+
+
+def _comparison(diff, ci, se=math.nan):
+  at = np.geomspace(1e13, 1e14, len(diff))
+  return {"at": at, "target": "mlr", "variants": ["mha", "mlr"],
+          "rivals": {"mha": {"diff": np.asarray(diff, float), "diff_ci": ci, "se_seed": se}}}
+
+
+def test_difference_figure_cuts_a_wide_interval_at_the_edge():
+  """One interval 20x wider than the differences' spread: the axis fits the differences and
+  0 (widened by at most half their span), the cut bar ends in triangles at both edges."""
+  diff = [0.10, -0.05, 0.02]
+  ci = [(0.06, 0.14), (-2.0, 1.5), (-0.01, 0.05)]
+  fig = frontier.plot_difference(_comparison(diff, ci))
+  (ax,) = fig.axes
+  lo, hi = ax.get_ylim()
+  span = max(diff) - min(diff)
+  assert lo <= min(diff) and max(diff) <= hi and lo < 0 < hi
+  assert hi - lo <= (1 + 2 * 0.5) * 1.1 * span
+  tips = [l for l in ax.lines if l.get_gid() == "clipped"]
+  assert sorted(l.get_marker() for l in tips) == ["^", "v"]
+  assert {float(l.get_ydata()[0]) for l in tips} == {lo, hi}
+  (bars,) = ax.containers
+  assert bars.has_yerr and len(bars.lines[2][0].get_segments()) == 3
+  assert "triangles" in ax.get_title()
+  _legends_clear_of_axes(fig)
+  # narrow intervals: nothing cut, the intervals inside the range
+  ci = [(0.08, 0.12), (-0.07, -0.03), (0.0, 0.04)]
+  fig = frontier.plot_difference(_comparison(diff, ci, se=0.01))
+  (ax,) = fig.axes
+  lo, hi = ax.get_ylim()
+  assert lo <= -0.07 and 0.12 <= hi
+  assert not [l for l in ax.lines if l.get_gid() == "clipped"]
+  assert len([c for c in ax.collections if len(c.get_paths())]) >= 1  # the seed band
+
+
+def test_multiplier_figure_fits_the_estimates():
+  at = np.geomspace(1e13, 1e14, 3)
+  m = {"mha": {"baseline": "mha", "target": "mlr", "at": at, "multiplier": [1.2, 0.8, 1.5],
+               "ci": [(1.0, 1.4), (0.01, 50.0), (1.2, 1.9)], "extrapolated": [False, False, True]}}
+  fig = frontier.plot_multiplier(m)
+  (ax,) = fig.axes
+  lo, hi = ax.get_ylim()
+  assert lo <= 0.8 and 1.9 <= hi
+  assert hi / lo <= 1.001 * (1.5 * 3) / (0.8 / 3) * 1.15 ** 2  # cut at 3x, not 0.01-50
+  tips = [l for l in ax.lines if l.get_gid() == "clipped"]
+  assert sorted(l.get_marker() for l in tips) == ["^", "v"]
+  assert len(ax.containers) == 1 and ax.containers[0].has_yerr
+  assert "mlr's loss" in ax.get_legend().get_title().get_text()
+  _legends_clear_of_axes(fig)

@@ -63,19 +63,10 @@ def load(spec: str) -> ml_collections.ConfigDict:
   return mod.get_config(preset) if sep else mod.get_config()
 
 
-def presets_help() -> str:
-  """Every package preset with its allowed values and one line on what it is."""
-  return "\n".join(module(n).PRESETS.help() for n in CONFIGS)
-
-
-def set_usage(doc: str, example: str) -> None:
-  """The `--help` text of an absl entry point: `doc`, a one-line example and the presets
-  (absl prints the main module's docstring, which a console script does not have)."""
-  main = sys.modules.get("__main__")
-  if main is not None:
-    main.__doc__ = (f"{doc.rstrip()}\n\nExample:\n  {example}\n\nConfig presets "
-                    f"(--config=NAME:PRESET; fields in braces take the values listed):\n"
-                    f"{presets_help()}\n")
+def presets_help(keep=None) -> str:
+  """Every package preset (or those whose pattern `keep` accepts, e.g. the sweeps) with its
+  allowed values and one line on what it is."""
+  return "\n".join(t for t in (module(n).PRESETS.help(keep=keep) for n in CONFIGS) if t)
 
 
 def override_error(config, path: str) -> str | None:
@@ -125,7 +116,7 @@ def define_flag(name: str = "config", example: str = "lm:tiny", lock_config: boo
   flag = _Flag(parser=_Parser(name=name, lock_config=lock_config),
                serializer=flags.ArgumentSerializer(), name=name, default=None,
                help_string=f"Config NAME:PRESET or PATH.py:PRESET, e.g. --config={example} "
-               "(presets: see --help); override fields with --config.a.b=value.",
+               "(the presets are listed in --help); override fields with --config.a.b=value.",
                flag_values=flag_values, sys_argv=sys_argv)
   # Listed under the calling module, so its --help shows the presets.
   return flags.DEFINE_flag(flag, flag_values,

@@ -122,11 +122,12 @@ class Presets:
         return p.choices[field]
     raise KeyError(pattern)
 
-  def help(self, indent: str = "  ") -> str:
-    """One line per preset: its pattern, the allowed field values and what it is."""
+  def help(self, indent: str = "  ", keep: Callable[[str], bool] | None = None) -> str:
+    """One line per preset (those whose pattern `keep` accepts): its pattern, the allowed
+    field values and what it is."""
     return "\n".join(f"{indent}{self.task}:{p.describe()}" + (f"\n{indent}    {p.doc}"
                                                                if p.doc else "")
-                     for p in self._presets)
+                     for p in self._presets if keep is None or keep(p.pattern))
 
   def parse(self, name: str) -> tuple[Preset, dict[str, Any]]:
     name = (name or self.default).strip()
