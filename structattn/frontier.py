@@ -219,12 +219,27 @@ def interp_log(c: fit_lib.Curve, at: Any) -> np.ndarray:
   return np.interp(la, np.log10(c.x), c.y, left=np.nan, right=np.nan)
 
 
-def run_matrix(curves: Sequence[fit_lib.Curve], at: Any) -> np.ndarray:
-  """(R, G): each curve interpolated at `at` (`interp_log`)."""
+def best_so_far(c: fit_lib.Curve, at: Any) -> np.ndarray:
+  """The least loss a run reached with at most `at` compute: its curve (`interp_log`) where
+  that is lower than every earlier measured point, else the least earlier point, held past the
+  run's last point; NaN before its first point."""
+  at = np.asarray(at, float)
+  if not len(c.x):
+    return np.full(at.shape, np.nan)
+  j = np.searchsorted(c.x, at, side="right") - 1
+  prior = np.where(j >= 0, np.minimum.accumulate(c.y)[np.clip(j, 0, None)], np.nan)
+  return np.fmin(interp_log(c, at), prior)
+
+
+def run_matrix(curves: Sequence[fit_lib.Curve], at: Any, pareto: bool = True) -> np.ndarray:
+  """(R, G): each curve at `at`: its least loss at compute <= each point (`best_so_far`,
+  what a frontier is made of), or with pareto=False the curve itself (`interp_log`, NaN
+  outside its range)."""
   at = np.asarray(at, float).ravel()
   if not curves:
     return np.zeros((0, at.size))
-  return np.stack([interp_log(c, at) for c in curves])
+  one = best_so_far if pareto else interp_log
+  return np.stack([one(c, at) for c in curves])
 
 
 def _envelope(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -239,11 +254,14 @@ def _envelope(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def frontier_curve(curves: Sequence[fit_lib.Curve], at: Any = None, n: int = 200) -> Envelope:
-  """A variant's compute frontier: the lower envelope of its runs' curves at `at` (G,).
+  """A variant's compute frontier at `at` (G,): the least loss any of its runs reached with at
+  most that compute.
 
-  Each curve is interpolated piecewise-linearly in log10 compute (`interp_log`); the envelope is
-  the least of them, NaN where no curve covers the point. Without `at`, n log-spaced points
-  over the union of the curves' ranges.
+  Each curve is interpolated piecewise-linearly in log10 compute and, past a point it has
+  already beaten or past its last point, held at its best so far (`best_so_far`), so the
+  frontier never rises where a smaller run ends and only larger, younger runs are left at that
+  compute; NaN below every run's first point. Without `at`, n log-spaced points over the union
+  of the curves' ranges.
   """
   curves = list(curves)
   if at is None:
@@ -367,7 +385,7 @@ def seed_spread(rows: Iterable[Mapping[str, Any]], root: str | os.PathLike | Non
     x = cs[0].x[(cs[0].x >= lo) & (cs[0].x <= hi)]
     if x.size == 0:
       continue
-    Y = run_matrix(cs, x)
+    Y = run_matrix(cs, x, pareto=False)
     sd_x = np.std(Y, axis=0, ddof=1)
     late = x >= 0.5 * x[-1]
     sd = float(np.sqrt(np.nanmean(sd_x[late] ** 2)))
@@ -465,6 +483,26 @@ def compare(frontiers: Frontiers, at: Any, *, target: str = "mlr",
       "se_seed": np.array([out_rivals[b]["se_seed"] if b else math.nan for b in best]),
       "rivals": out_rivals, "seed_sd": sds,
   }
+
+
+def compare_pairs(frontiers: Frontiers, *, target: str = "mlr",
+                  seeds: Mapping[str, Mapping[str, Any]] | None = None, n_points: int = 8,
+                  n_boot: int = 1000, seed: int = 0) -> dict[str, dict[str, Any]]:
+  """The target against each rival alone, at `n_points` points of the compute range the two
+  cover (wider than the range every variant covers when some variant has no run at the widest
+  width): {rival: {'compare': `compare` of the pair, 'verdict': its `verdict`}}."""
+  out = {}
+  for r in sorted(frontiers, key=_variant_key):
+    if r == target:
+      continue
+    pair = {target: frontiers[target], r: frontiers[r]}
+    try:
+      at = shared_points(pair, n_points)
+    except ValueError:
+      continue
+    cmp = compare(pair, at, target=target, seeds=seeds, n_boot=n_boot, seed=seed)
+    out[r] = {"compare": cmp, "verdict": verdict(cmp)}
+  return out
 
 
 def verdict(comparison: Mapping[str, Any], use_seed: bool = True, z: float = 1.96
@@ -1155,6 +1193,23 @@ def report(res: Mapping[str, Any]) -> str:
   for p, c in enumerate(at):
     L.append(f"| {c:.3g} | " + " | ".join(vs[p] for vs in res["verdict"]["per_rival"].values())
              + " |")
+  pairs = res.get("pairs") or {}
+  if pairs:
+    L += ["", f"## {target} against each rival over the range the two cover", "",
+          "Where a variant lacks the widest runs, the shared range above stops at its last "
+          "run; each pair below uses the whole range its two variants cover. Intervals: "
+          "bootstrap over runs with the seed s.e. in quadrature (as above).", ""]
+    for r, pr in pairs.items():
+      pc = pr["compare"]
+      d = pc["rivals"][r]
+      L += [f"{pr['verdict']['text']}", "",
+            f"| C (MACs) | {target} | {r} | {target} - {r} | 95% CI with seeds | verdict |",
+            "|---:|---:|---:|---:|---|---|"]
+      for p, c in enumerate(pc["at"]):
+        L.append(f"| {c:.3g} | {_f(pc['loss'][target][p])} | {_f(pc['loss'][r][p])} | "
+                 f"{_f(d['diff'][p], '+.4f')} | {_iv(d['total_ci'][p], '+.4f')} | "
+                 f"{pr['verdict']['per_rival'][r][p]} |")
+      L.append("")
   L += ["", "## Effective compute multiplier", "",
         f"C'/C: the compute at which the baseline's frontier reaches {target}'s frontier loss at "
         "C, over C (above 1: the baseline needs more compute). 95% bootstrap intervals; 'ext' "
@@ -1240,10 +1295,12 @@ def analyze(root: str | os.PathLike, out_dir: str | os.PathLike | None, n_boot: 
   order = ([baseline] if baseline in rivals else []) + [r for r in rivals if r != baseline]
   mults = {b: compute_multiplier(runs, at, b, target, fits=fits, n_boot=n_boot, seed=seed,
                                 fit_x_min=fit_x_min) for b in order}
+  pairs = compare_pairs(runs, target=target, seeds=seeds, n_points=n_points, n_boot=n_boot,
+                        seed=seed)
   grid = lr_grid(rows)
   res: dict[str, Any] = {
       "root": str(root), "at": at, "compare": cmp, "verdict": verdict(cmp), "fits": fits,
-      "multipliers": mults, "seed_spread": seeds, "lr_grid": grid,
+      "multipliers": mults, "pairs": pairs, "seed_spread": seeds, "lr_grid": grid,
       "lr_table": lr_grid_table(grid),
       "plateau": plateau_check(rows, plateau_fraction, unigram_entropy,
                                plateau_loss=plateau_loss),
