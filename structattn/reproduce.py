@@ -1,6 +1,7 @@
 """Reproduce a paper result: run its sweep, then fit and draw it.
 
     structattn-reproduce icr-head-dim --scale=tiny --workdir=runs/icr-head-dim
+    structattn-reproduce icr-study --scale=gpu --workdir=runs/icr-study --time-limit=540
     structattn-reproduce lm-scaling --scale=paper --workdir=runs/lm --parallel=2
 
 Figures (`FIGURES`):
@@ -11,6 +12,10 @@ Figures (`FIGURES`):
   icr-compute     in-context regression, finding (b): last-point error against forward
                   compute for MHA, bilinear BTT and bilinear MLR at several widths; the
                   structured variants below MHA at equal compute. (icr:sweep-compute-<scale>)
+  icr-study       in-context regression, findings (b) and (a) as one staged study
+                  (structattn.icr_study): the icr-compute grid at d_input 32 over widths,
+                  learning rates and seeds, then the icr-head-dim points at d_input 64; both
+                  figures for the runs finished so far. (--scale=gpu|mini, --time-limit)
   lm-scaling      language modelling: held-out loss against non-embedding compute per width
                   and combined, the compute frontier per variant with fitted power laws.
                   (lm:sweep-scaling-<scale>)
@@ -66,11 +71,12 @@ def last_eval(run_dir: Path, key: str) -> tuple[int, float, float] | None:
   return None
 
 
-def _evaluated(root: Path, key: str):
-  """(row, (step, value, sem)) of completed and interrupted runs with at least one eval."""
+def _evaluated(root: Path, key: str, select: Callable[[Mapping], bool] | None = None):
+  """(row, (step, value, sem)) of completed and interrupted runs with at least one eval (and
+  passing `select`, a predicate on the results row, when given)."""
   out = []
   for r in results_lib.collect(root):
-    if r.get("status") not in ("completed", "running"):
+    if r.get("status") not in ("completed", "running") or (select and not select(r)):
       continue
     ev = last_eval(Path(root) / r["run"], key)
     if ev is not None:
@@ -78,7 +84,7 @@ def _evaluated(root: Path, key: str):
   return out
 
 
-def _head_dim_points(root: Path):
+def _head_dim_points(root: Path, select: Callable[[Mapping], bool] | None = None):
   """Per d_input: one point per head dim r, aggregated over seeds, and the baselines.
 
   Returns ({d: [(r, mean, sem, seeds, steps)]}, {d: {baseline: value}}). The error bar is the
@@ -87,7 +93,7 @@ def _head_dim_points(root: Path):
   measures the eval noise only. `steps` is the least step reached among the seeds."""
   runs: dict[int, dict[int, list[tuple[int, float, float]]]] = {}
   base: dict[int, dict[str, float]] = {}
-  for r, (step, se, sem) in _evaluated(root, "eval/last_point_se"):
+  for r, (step, se, sem) in _evaluated(root, "eval/last_point_se", select):
     d, width, heads = int(r["icr.d_input"]), int(r["model.d_model"]), int(
         r["attention.num_heads"])
     head_dim = int(r.get("attention.d_qk") or 0) or width // heads
@@ -231,11 +237,12 @@ def plot_icr_head_dim(points: Mapping[int, Sequence[tuple]],
   return fig
 
 
-def analyze_icr_head_dim(root: Path, out: Path) -> dict[str, Any]:
+def analyze_icr_head_dim(root: Path, out: Path,
+                         select: Callable[[Mapping], bool] | None = None) -> dict[str, Any]:
   """Last-point error against head dim r per d_input (mean and s.e.m. over seeds), with the
   baselines. Runs cut short (status running) count with their last eval; the table gives the
-  steps reached."""
-  by_d, base = _head_dim_points(root)
+  steps reached. `select`: a predicate on the results rows of the runs to include."""
+  by_d, base = _head_dim_points(root, select)
   if not by_d:
     raise ValueError(f"no evaluated runs under {str(root)!r}")
   fig = plot_icr_head_dim(by_d, base)
@@ -266,9 +273,9 @@ def analyze_icr_head_dim(root: Path, out: Path) -> dict[str, Any]:
   return summary
 
 
-def _curves(root: Path, y: str, x: str = "compute/paper_macs"):
+def _curves(root: Path, y: str, x: str = "compute/paper_macs", select=None):
   from structattn import fit as fit_lib
-  return fit_lib.load_curves(root, x=x, y=y, statuses=("completed", "running"))
+  return fit_lib.load_curves(root, x=x, y=y, statuses=("completed", "running"), filter=select)
 
 
 def _compare_at_equal_compute(curves, group: str, y_better=min) -> dict[str, Any]:
@@ -290,10 +297,15 @@ def _compare_at_equal_compute(curves, group: str, y_better=min) -> dict[str, Any
   return out
 
 
-def analyze_icr_compute(root: Path, out: Path) -> dict[str, Any]:
+def analyze_icr_compute(root: Path, out: Path,
+                        select: Callable[[Mapping], bool] | None = None) -> dict[str, Any]:
+  """Last-point error against forward compute per variant (`select`: a predicate on the
+  results rows of the runs to include)."""
   from structattn import figures as fig_lib
   y = "eval/last_point_se"
-  curves = _curves(root, y)
+  curves = _curves(root, y, select=select)
+  if not curves:
+    raise ValueError(f"no evaluated runs under {str(root)!r}")
   group = ("attention.variant",)
   paths = []
   for name, fig in (("icr_compute_by_width", fig_lib.plot_curves_by_width(curves, group=group,
@@ -306,7 +318,7 @@ def analyze_icr_compute(root: Path, out: Path) -> dict[str, Any]:
   final = sorted(((str(r["attention.variant"]), int(r["model.d_model"]), se, step,
                    step * float(r.get("compute/paper_macs_per_prompt") or 0) *
                    int(r["train.batch_size"]))
-                  for r, (step, se, _) in _evaluated(root, "eval/last_point_se")),
+                  for r, (step, se, _) in _evaluated(root, "eval/last_point_se", select)),
                  key=lambda t: (t[1], t[0]))
   table = ["| variant | width | last-point SE | steps | forward MACs |",
            "|---|---|---|---|---|"]
@@ -367,9 +379,29 @@ def analyze_forecast_table(root: Path, out: Path) -> dict[str, Any]:
   return {"figure": "forecast-table", "cells": summary, "table": "\n".join(table)}
 
 
-FIGURES: dict[str, tuple[str, str, Callable[[Path, Path], dict]]] = {
+def analyze_icr_study(root: Path, out: Path, names: Mapping[str, set[str]]) -> dict[str, Any]:
+  """Both ICR figures, each from its own stage's runs (`names`: {stage: run names}); a figure
+  whose stage has no evaluated run yet is reported as pending instead."""
+  from structattn import icr_study
+  summary: dict[str, Any] = {"figure": "icr-study"}
+  tables = []
+  for stage, analyze, title in ((icr_study.COMPUTE, analyze_icr_compute, "compute (b)"),
+                                (icr_study.HEAD_DIM, analyze_icr_head_dim, "head dim (a)")):
+    wanted = set(names.get(stage, ()))
+    try:
+      result = analyze(root, out, select=lambda r, w=wanted: Path(r["run"]).name in w)
+    except (ValueError, KeyError) as e:  # nothing finished in this stage yet
+      result = {"pending": f"analysis not yet possible: {e}"}
+    summary[stage] = result
+    tables.append(f"## ICR {title}\n\n" + (result.get("table") or result.get("pending", "")))
+  summary["table"] = "\n\n".join(tables)
+  return summary
+
+
+FIGURES: dict[str, tuple[str, str | None, Callable[..., dict]]] = {
     "icr-head-dim": ("icr.py", "sweep-head-dim", analyze_icr_head_dim),
     "icr-compute": ("icr.py", "sweep-compute", analyze_icr_compute),
+    "icr-study": ("icr.py", None, analyze_icr_study),  # planned by structattn.icr_study
     "lm-scaling": ("lm.py", "sweep-scaling", analyze_lm_scaling),
     "forecast-table": ("forecast.py", "sweep-table", analyze_forecast_table),
 }
@@ -377,12 +409,22 @@ SCALES = ("tiny", "short", "paper")
 # Staged LM studies (structattn.lm_study): learning-rate grids, then the other widths at the
 # chosen rate, then seeds; they run under --time-limit and keep their runs in --archive.
 STUDY_SCALES = ("english", "mini")
+# The staged ICR study (structattn.icr_study): findings (b) and (a) at paper scale on a GPU,
+# and a CPU miniature.
+ICR_STUDY_SCALES = ("gpu", "mini")
+STUDY_FIGURES = {"lm-scaling": STUDY_SCALES, "icr-study": ICR_STUDY_SCALES}
 # 'short' is the paper's LM architecture at a few minutes of one GPU.
-FIGURE_SCALES = {"lm-scaling": SCALES + STUDY_SCALES}
+FIGURE_SCALES = {"lm-scaling": SCALES + STUDY_SCALES, "icr-study": ICR_STUDY_SCALES}
+ALL_SCALES = tuple(dict.fromkeys(SCALES + STUDY_SCALES + ICR_STUDY_SCALES))
 
 
 def scales_for(figure: str) -> tuple[str, ...]:
   return FIGURE_SCALES.get(figure, ("tiny", "paper"))
+
+
+def study_scales_for(figure: str) -> tuple[str, ...]:
+  """The scales of `figure` that run as staged studies (--time-limit, --archive)."""
+  return STUDY_FIGURES.get(figure, ())
 
 
 def reproduce(figure: str, scale: str, workdir: str, parallel: int = 1, vmap: bool = True,
@@ -403,6 +445,9 @@ def reproduce(figure: str, scale: str, workdir: str, parallel: int = 1, vmap: bo
   out = Path(workdir)
   runs = out / "runs"
   statuses = {}
+  if figure == "icr-study":
+    return _reproduce_icr_study(scale, out, parallel, vmap, overrides, analyze_only, cache_dir,
+                                time_limit, archive, only)
   if scale in STUDY_SCALES:
     return _reproduce_study(scale, out, parallel, vmap, overrides, analyze_only, cache_dir,
                             time_limit, archive, only)
@@ -423,13 +468,16 @@ def reproduce(figure: str, scale: str, workdir: str, parallel: int = 1, vmap: bo
   return summary
 
 
-def study_plan(spec, overrides: Mapping[str, Any] | None = None, only: Sequence[str] = ()):
+def study_plan(spec, overrides: Mapping[str, Any] | None = None, only: Sequence[str] = (),
+               planner: Callable | None = None):
   """The study's plan as a function of its run folder; with `only`, each stage keeps the points
-  whose names contain one of those substrings (`--only`)."""
+  whose names contain one of those substrings (`--only`).  `planner(spec, runs, overrides)`
+  gives the stages (default `lm_study.plan`)."""
   from structattn import lm_study
+  planner = planner or lm_study.plan
 
   def plan(runs):
-    stages = lm_study.plan(spec, runs, dict(overrides or {}))
+    stages = planner(spec, runs, dict(overrides or {}))
     return [[p for p in st if any(o in p[0] for o in only)] for st in stages] if only else stages
   return plan
 
@@ -437,18 +485,11 @@ def study_plan(spec, overrides: Mapping[str, Any] | None = None, only: Sequence[
 def _reproduce_study(scale, out: Path, parallel, vmap, overrides, analyze_only, cache_dir,
                      time_limit, archive, only: Sequence[str] = ()) -> dict[str, Any]:
   from structattn import lm_study
-  from structattn import study as study_lib
   spec = lm_study.spec_for(scale)
   overrides = dict(overrides or {})
   plan = study_plan(spec, overrides, only)
-  if analyze_only:
-    study_lib.unpack(archive or out / "runs.tar.gz", out / "runs")
-    summary = {"statuses": {}, "ran": [], "pending": [], "skipped_for_time": []}
-  else:
-    summary = study_lib.run_study(plan, out, time_limit=time_limit, archive=archive,
-                                  parallel=parallel, vmap=vmap, cache_dir=cache_dir,
-                                  flops_of=lm_study.flops_of, startup=spec.startup_seconds)
-    print(study_lib.describe(summary), end="")
+  summary = _run_or_restore(plan, out, analyze_only, time_limit, archive, parallel, vmap,
+                            cache_dir, lm_study.flops_of, spec.startup_seconds)
   from structattn import frontier
   try:
     result = frontier.analyze(out / "runs", out, n_boot=spec.n_boot, fit_boot=spec.n_boot,
@@ -459,6 +500,38 @@ def _reproduce_study(scale, out: Path, parallel, vmap, overrides, analyze_only, 
                 chosen_lr=lm_study.chosen_lrs(spec, out / "runs", overrides))
   result["table"] = result.get("report", "")
   (out / "rows.json").write_text(json.dumps(lm_study.export_rows(out / "runs"), default=str))
+  (out / "summary.json").write_text(json.dumps(result, indent=1, default=str))
+  (out / "table.md").write_text(result.get("table", "") + "\n")
+  return result
+
+
+def _run_or_restore(plan, out: Path, analyze_only, time_limit, archive, parallel, vmap,
+                    cache_dir, flops_of, startup) -> dict[str, Any]:
+  """Run the study's pending points that fit (or, with analyze_only, only unpack its archive);
+  returns `run_study`'s summary."""
+  from structattn import study as study_lib
+  if analyze_only:
+    study_lib.unpack(archive or out / "runs.tar.gz", out / "runs")
+    return {"statuses": {}, "ran": [], "pending": [], "skipped_for_time": []}
+  summary = study_lib.run_study(plan, out, time_limit=time_limit, archive=archive,
+                                parallel=parallel, vmap=vmap, cache_dir=cache_dir,
+                                flops_of=flops_of, startup=startup)
+  print(study_lib.describe(summary), end="")
+  return summary
+
+
+def _reproduce_icr_study(scale, out: Path, parallel, vmap, overrides, analyze_only, cache_dir,
+                         time_limit, archive, only: Sequence[str] = ()) -> dict[str, Any]:
+  from structattn import icr_study
+  spec = icr_study.spec_for(scale)
+  overrides = dict(overrides or {})
+  plan = study_plan(spec, overrides, only, planner=icr_study.plan)
+  summary = _run_or_restore(plan, out, analyze_only, time_limit, archive, parallel, vmap,
+                            cache_dir, icr_study.flops_of, spec.startup_seconds)
+  (out / "runs").mkdir(parents=True, exist_ok=True)  # --analyze-only before any run
+  result = analyze_icr_study(out / "runs", out, icr_study.stage_names(spec, overrides))
+  result.update(scale=scale, points=summary["statuses"] or None, study=summary)
+  (out / "rows.json").write_text(json.dumps(icr_study.export_rows(out / "runs"), default=str))
   (out / "summary.json").write_text(json.dumps(result, indent=1, default=str))
   (out / "table.md").write_text(result.get("table", "") + "\n")
   return result
@@ -477,18 +550,25 @@ def _parse_set(items: Sequence[str]) -> dict[str, Any]:
   return out
 
 
+def preset_label(figure: str) -> str:
+  """What `figure` runs, for --help: its sweep preset, or the module planning its study."""
+  file, preset, _ = FIGURES[figure]
+  return f"{file.removesuffix('.py')}:{preset}-<scale>" if preset else "structattn.icr_study"
+
+
 def _epilog() -> str:
   """The figures, the config presets they run and their scales, then a one-line example."""
-  presets = {f: f"{file.removesuffix('.py')}:{preset}-<scale>"
-             for f, (file, preset, _) in FIGURES.items()}
+  presets = {f: preset_label(f) for f in FIGURES}
   width = max(map(len, presets.values()))
   rows = []
   for f, preset in presets.items():
-    rows.append(f"  {f:15s} {preset:{width}s}  "
-                + ", ".join(s for s in scales_for(f) if s not in STUDY_SCALES))
-    study = [s for s in scales_for(f) if s in STUDY_SCALES]
+    plain = [s for s in scales_for(f) if s not in study_scales_for(f)]
+    study = [s for s in scales_for(f) if s in study_scales_for(f)]
+    if plain:
+      rows.append(f"  {f:15s} {preset:{width}s}  " + ", ".join(plain))
     if study:
-      rows.append(f"  {'':15s} {'':{width}s}  " + ", ".join(study)
+      rows.append(f"  {f if not plain else '':15s} {preset if not plain else '':{width}s}  "
+                  + ", ".join(study)
                   + " (staged studies: --time-limit, --archive)")
   return ("figures, the config presets they run (--set KEY=VALUE overrides a field of each)\n"
           "and their --scale values:\n" + "\n".join(rows) + "\n\nexample:\n"
@@ -501,7 +581,7 @@ def main(argv: Sequence[str] | None = None) -> int:
       formatter_class=argparse.RawDescriptionHelpFormatter,
       epilog=_epilog())
   p.add_argument("figure", choices=sorted(FIGURES))
-  p.add_argument("--scale", default="tiny", choices=SCALES + STUDY_SCALES)
+  p.add_argument("--scale", default="tiny", choices=ALL_SCALES)
   p.add_argument("--workdir", default=None, help="default runs/<figure>-<scale>")
   p.add_argument("--parallel", type=int, default=1)
   p.add_argument("--no-vmap", action="store_true", help="one process per seed / LR")
@@ -512,7 +592,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                  help="override a base-config field for every point (JSON values)")
   p.add_argument("--time-limit", type=float, default=None, metavar="SECONDS",
-                 help=f"study scales {STUDY_SCALES}: start no run that would not finish "
+                 help="study scales (" + "; ".join(
+                     f"{f}: {', '.join(v)}" for f, v in STUDY_FIGURES.items())
+                 + "): start no run that would not finish "
                  "within this many seconds; finished runs are kept in --archive")
   p.add_argument("--archive", default=None, metavar="FILE",
                  help="study scales: .tar.gz of the finished run directories (no "

@@ -81,13 +81,14 @@ def test_sweep_help_lists_the_sweep_presets_only(capsys):
 
 def test_reproduce_help_lists_figures_scales_and_presets(capsys):
   _, text, _ = run("structattn-reproduce", ["--help"], capsys)
-  for figure, (file, preset, _) in reproduce.FIGURES.items():
+  for figure in reproduce.FIGURES:
     row = next(l for l in text.splitlines() if l.strip().startswith(figure + " "))
-    assert f"{file.removesuffix('.py')}:{preset}-<scale>" in row
+    assert reproduce.preset_label(figure) in row
     for scale in reproduce.scales_for(figure):
       if scale not in reproduce.STUDY_SCALES:
         assert scale in row, (figure, scale)
-  for scale in reproduce.STUDY_SCALES:
+  assert "icr:sweep-compute-<scale>" in text and "structattn.icr_study" in text
+  for scale in reproduce.STUDY_SCALES + reproduce.ICR_STUDY_SCALES:
     assert scale in text
 
 
