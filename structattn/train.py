@@ -45,8 +45,6 @@ from structattn import tasks as tasks_lib
 from structattn.lm.loss import cross_entropy, eval_step, loss_fn  # noqa: F401  (the LM's)
 from structattn.optim import grad_norm as optim_grad_norm, make_optimizer, schedule, with_lr
 
-H100_BF16_PEAK = 989e12  # one H100 SXM, dense bf16; the loop reads `hardware.peak_flops`
-
 MEMBER_FIELDS = ("seed", "train.lr")  # what the members of a group may differ in
 
 
