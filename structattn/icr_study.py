@@ -172,12 +172,10 @@ def flops_of(config: ml_collections.ConfigDict) -> float:
   """A run's training FLOPs (6 x forward MACs per prompt, read-in/out included, at the full
   prompt length 2N; the curriculum's shorter early prompts are not discounted)."""
   from structattn.icr import train as icr_train
-  from structattn.icr.model import icr_specs
   f = icr_train.icr_fields(config)
   d_model = int(config.model.d_model)
   d_mlp = int(config.model.get("mlp_ratio", 4)) * d_model
-  specs = icr_specs(config.attention.to_dict(), d_model, int(config.model.num_layers),
-                    2 * f["n_points"], config.model.get("attention_pattern", ""))
+  specs = icr_train.model_specs(config, f)
   _, per_prompt = icr_train.icr_flops(specs, d_model, d_mlp, f["n_points"])
   return per_prompt * float(config.train.batch_size) * float(config.train.steps)
 
@@ -197,12 +195,9 @@ RESULT_FIELDS = ("status", "final/eval_last_point_se", "final/eval_last_point_se
 def export_rows(runs: Path) -> list[dict]:
   """One compact row per finished run under `runs`: config fields, results, the baselines'
   last-point errors and the eval curve [step, forward MACs, last-point SE, its s.e.m.]."""
-  from structattn import results as results_lib
+  from structattn.study import finished_rows
   out = []
-  for row in results_lib.collect(runs):
-    if ".stale-" in Path(row["run"]).name or row.get("status") != "completed":
-      continue
-    metrics = results_lib.read_metrics(Path(runs) / row["run"])
+  for row, metrics in finished_rows(runs):
     out.append({
         "run": row["run"], **{k: row.get(k) for k in ROW_FIELDS + RESULT_FIELDS},
         "baselines": {k.split("/")[1]: row[k] for k in row

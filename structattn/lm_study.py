@@ -249,12 +249,9 @@ RESULT_FIELDS = ("status", "final/eval_loss", "final/eval_loss_sem", "params/non
 def export_rows(runs: Path) -> list[dict]:
   """One compact row per finished run under `runs` (config fields, results, the eval curve
   and the logged train loss; no checkpoints), for `docs/data` and notebooks."""
-  from structattn import results as results_lib
+  from structattn.study import finished_rows
   out = []
-  for row in results_lib.collect(runs):
-    if ".stale-" in Path(row["run"]).name or row.get("status") != "completed":
-      continue
-    metrics = results_lib.read_metrics(Path(runs) / row["run"])
+  for row, metrics in finished_rows(runs):
     out.append({
         "run": row["run"], **{k: row.get(k) for k in ROW_FIELDS + RESULT_FIELDS},
         "eval": [[m["step"], m.get("compute/paper_macs"), m["eval/loss"], m.get("eval/loss_sem")]

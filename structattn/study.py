@@ -147,6 +147,16 @@ def observed_rates(runs_dir: Path, points: Sequence[Point]) -> dict[tuple[str, i
   return rates
 
 
+def finished_rows(runs_dir: Path):
+  """(results row, metrics rows) of every completed run under runs_dir, stale ones skipped:
+  what a study's compact rows file is made from."""
+  from structattn import results as results_lib
+  for row in results_lib.collect(runs_dir):
+    if ".stale-" in Path(row["run"]).name or row.get("status") != "completed":
+      continue
+    yield row, results_lib.read_metrics(Path(runs_dir) / row["run"])
+
+
 def finished_points(runs_dir: Path) -> list[Point]:
   """(name, config) of every run directory under runs_dir with a config and a result, planned
   or not (a plan narrowed by `--only` still estimates from every model that has run)."""
@@ -238,7 +248,8 @@ def run_study(plan: Plan, workdir: str | os.PathLike, *, time_limit: float | Non
         break
       todo = [p for p in stage
               if sweep_lib.status_of(runs / p[0]) != "completed" and p[0] not in tried]
-      rates = observed_rates(runs, finished_points(runs) + [p for st in plan(runs) for p in st])
+      planned = dict(p for st in plan(runs) for p in st)  # a planned config wins over its
+      rates = observed_rates(runs, list({**dict(finished_points(runs)), **planned}.items()))
       jobs = [[todo[i] for i in g] for g in sweep_lib.groups(todo, vmap)]
       running: dict[cf.Future, tuple[list[Point], int]] = {}
       sharing = min(parallel, len(jobs))  # groups that share the accelerator in this stage

@@ -51,10 +51,16 @@ def icr_fields(config: ml_collections.ConfigDict) -> dict:
               noise_std=float(ic.get("noise_std", 0.0)), pool_size=pool or None)
 
 
+def model_specs(config: ml_collections.ConfigDict, f: dict):
+  """The attention spec of each layer of the model `config` describes (`icr_fields` f)."""
+  m = config.model
+  return icr_specs(config.attention.to_dict(), int(m.d_model), int(m.num_layers),
+                   2 * f["n_points"], m.get("attention_pattern", ""))
+
+
 def build_model(config: ml_collections.ConfigDict, f: dict) -> ICRModel:
   m = config.model
-  specs = icr_specs(config.attention.to_dict(), int(m.d_model), int(m.num_layers),
-                    2 * f["n_points"], m.get("attention_pattern", ""))
+  specs = model_specs(config, f)
   return ICRModel(f["d_input"], f["n_points"], int(m.d_model), int(m.num_layers),
                   rngs=nnx.Rngs(int(config.seed)), specs=specs,
                   d_mlp=int(m.get("mlp_ratio", 4)) * int(m.d_model))
