@@ -94,6 +94,10 @@ OPTIONS = {
 }
 OPTIONS["all"] = {k: v for name in ("fused_opt", "fused_xent", "bf16_residual")
                   for k, v in OPTIONS[name].items()}
+# Architecture, not speed: the paper's QK-LayerNorm off, as in nanoGPT-style peers (it is not
+# in the FLOP count, so it lowers MFU without changing the work counted).
+OPTIONS["no_qk_norm"] = {"attention.qk_norm": False}
+OPTIONS["all_no_qk_norm"] = {**OPTIONS["all"], **OPTIONS["no_qk_norm"]}
 OPTIONS_HELP = """comma-separated speed options, timed in alternating rounds in one process:
 baseline (today's defaults); fused_opt (train.fused_optimizer: the Adam update over flat
 vectors, a few large kernels instead of several per parameter, the global norm computed once for
@@ -101,7 +105,8 @@ the clip and the log); fused_xent (train.fused_xent: structattn.losses
 cross-entropy, no float32 copy of the (B,T,V) logits, softmax - onehot written in bf16 in one
 pass); bf16_residual (model.residual_dtype=bfloat16: the residual stream and its gradient in
 bf16, no float32 adds and casts per layer; LayerNorm statistics still float32); all (the
-three together)"""
+three together); no_qk_norm (attention.qk_norm=False: an architecture change, the
+queries' and keys' LayerNorm off as in nanoGPT-style models); all_no_qk_norm (both)"""
 
 
 def options_for(names):

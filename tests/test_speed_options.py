@@ -191,3 +191,15 @@ def test_trainer_with_every_option_resumes_and_runs_vmapped_members(corpus, tmp_
                               [str(tmp_path / "m0"), str(tmp_path / "m1")])
   assert [m["status"] for m in members] == ["completed"] * 2
   assert members[0]["final/train_loss"] != members[1]["final/train_loss"]
+
+
+def test_no_qk_norm_option_switches_off_only_the_qk_norm():
+  import argparse
+  bench = _bench()
+  args = argparse.Namespace(width=64, layers=1, seq_len=32, batch=2, dtype="auto")
+  base = bench.config_for("mha", args, "all")
+  peer = bench.config_for("mha", args, "all_no_qk_norm")
+  assert base.attention.qk_norm and not peer.attention.qk_norm
+  assert peer.train.fused_optimizer and peer.train.fused_xent
+  assert peer.model.residual_dtype == "bfloat16"
+  assert not bench.config_for("mha", args, "no_qk_norm").train.get("fused_optimizer", False)
